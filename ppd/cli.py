@@ -10,6 +10,9 @@ import sys
 # module paths, each with add_parser(subparsers); a module that fails to import is reported, not hidden
 SUBCOMMANDS = [
     "launch.cli",  # ppd launch
+    "ppd.plan_cli",  # ppd plan
+    "experiments.sweep_cli",  # ppd sweep
+    "experiments.replay_cli",  # ppd replay
 ]
 
 

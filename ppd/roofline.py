@@ -7,14 +7,19 @@ FLOP counts (per forward, whole model):
 - linear layers: 2 x params_non_embedding x new_tokens
 - attention among the n new tokens (causal): 2 x layers x (heads x head_dim) x n^2
 - attention of the n new tokens over a prefix of p cached tokens: 4 x layers x (heads x head_dim) x n x p
-Bytes:
-- a prefill reads the prefix KV through a low-parallelism extend kernel (few CTAs for small n): p x kv_bytes_per_token
-  at a small fraction of HBM bandwidth; this is what makes an m=16 append over 16k tokens cost ~30 ms on H200.
-- a decode step streams the weights once plus every running request's KV.
+Each term is a roofline (the larger of its compute time and its memory time):
+- linear: FLOPs at `linear_mfu`, but never faster than reading the weights once (a 16-token append is memory bound);
+- prefix attention: FLOPs at `attn_prefix_mfu`, but never faster than the extend kernel can stream the prefix KV with
+  the few CTAs a small append launches (`extend_prefix_bw_frac` of HBM bandwidth). This floor is what makes an m=16
+  and an m=256 append over 16k cached tokens cost the same ~30 ms on H200 (NOTES.md), while m=2048 is FLOP bound.
+- a decode step streams the weights once plus every running request's KV (or is FLOP bound at huge batches).
+A batch of several requests in one extend forward shares the weight read and the launch overhead; their prefix
+floors overlap (different CTAs), their FLOPs add.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ppd.specs import GpuSpec, KernelEfficiency, LinkSpec, ModelSpec
@@ -53,6 +58,32 @@ def attn_prefix_flops(model: ModelSpec, new_tokens: int, prefix_tokens: int) -> 
     return 4.0 * model.layers * model.heads * model.head_dim * new_tokens * prefix_tokens
 
 
+def extend_batch_breakdown(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    items: Sequence[tuple[int, int]],
+    eff: KernelEfficiency = DEFAULT_EFFICIENCY,
+) -> PrefillBreakdown:
+    """One extend forward over several requests, each `(new_tokens, prefix_tokens)` (SGLang batches waiting prefills
+    into one chunk). `prefix_read_s` is the part of the prefix floor not hidden under the prefix-attention FLOPs."""
+    items = [(n, p) for n, p in items if n > 0]
+    if not items:
+        return PrefillBreakdown(0.0, 0.0, 0.0, 0.0, 0.0)
+    new_total = sum(n for n, _ in items)
+    linear_compute_s = linear_flops(model, new_total) / (gpu.flops * eff.linear_mfu)
+    weights_read_s = model.weight_bytes / (gpu.hbm_bytes_per_s * eff.decode_bw_frac)
+    causal_s = sum(attn_causal_flops(model, n) for n, _ in items) / (gpu.flops * eff.attn_causal_mfu)
+    prefix_s = sum(attn_prefix_flops(model, n, p) for n, p in items) / (gpu.flops * eff.attn_prefix_mfu)
+    floor_s = max(kv_bytes(model, p) for _, p in items) / (gpu.hbm_bytes_per_s * eff.extend_prefix_bw_frac)
+    return PrefillBreakdown(
+        linear_s=max(linear_compute_s, weights_read_s),
+        attn_causal_s=causal_s,
+        attn_prefix_s=prefix_s,
+        prefix_read_s=max(0.0, floor_s - prefix_s),
+        overhead_s=eff.prefill_overhead_ms / 1e3,
+    )
+
+
 def prefill_chunk_breakdown(
     model: ModelSpec,
     gpu: GpuSpec,
@@ -61,15 +92,7 @@ def prefill_chunk_breakdown(
     eff: KernelEfficiency = DEFAULT_EFFICIENCY,
 ) -> PrefillBreakdown:
     """One forward that extends a sequence of `prefix_tokens` cached tokens by `new_tokens`."""
-    if new_tokens <= 0:
-        return PrefillBreakdown(0.0, 0.0, 0.0, 0.0, 0.0)
-    return PrefillBreakdown(
-        linear_s=linear_flops(model, new_tokens) / (gpu.flops * eff.linear_mfu),
-        attn_causal_s=attn_causal_flops(model, new_tokens) / (gpu.flops * eff.attn_causal_mfu),
-        attn_prefix_s=attn_prefix_flops(model, new_tokens, prefix_tokens) / (gpu.flops * eff.attn_prefix_mfu),
-        prefix_read_s=kv_bytes(model, prefix_tokens) / (gpu.hbm_bytes_per_s * eff.extend_prefix_bw_frac),
-        overhead_s=eff.prefill_overhead_ms / 1e3,
-    )
+    return extend_batch_breakdown(model, gpu, [(new_tokens, prefix_tokens)], eff)
 
 
 def chunk_sizes(new_tokens: int, chunk_size: int) -> list[int]:
@@ -139,3 +162,10 @@ def transfer_time_s(link: LinkSpec, nbytes: int) -> float:
 def request_overhead_s(prompt_tokens: int, eff: KernelEfficiency = DEFAULT_EFFICIENCY) -> float:
     """Host-side cost of one request around the GPU work (HTTP, JSON of the token ids, scheduler hops)."""
     return (eff.request_overhead_ms + eff.per_token_overhead_us * prompt_tokens / 1e3) / 1e3
+
+
+def kv_landing_time_s(model: ModelSpec, gpu: GpuSpec, tokens: int, eff: KernelEfficiency = DEFAULT_EFFICIENCY) -> float:
+    """PD decode side: the stall a transferred request's KV puts on the decode GPU when it joins the running batch."""
+    if tokens <= 0:
+        return 0.0
+    return eff.kv_landing_overhead_ms / 1e3 + kv_bytes(model, tokens) / (gpu.hbm_bytes_per_s * eff.kv_landing_bw_frac)

@@ -84,17 +84,25 @@ class LinkSpec:
 
 @dataclass(frozen=True)
 class KernelEfficiency:
-    """Achieved fraction of peak for each kernel family, plus fixed costs (fitted on H200 + triton attention)."""
+    """Achieved fraction of peak for each kernel family, plus fixed costs.
 
-    linear_mfu: float = 0.85  # GEMMs of a prefill chunk
+    Fitted to the H200 measurements with SGLang 0.5.10.post1's triton attention backend (NOTES.md "Seen" tables) by
+    experiments/emulator_vs_gpu.py; see ppd/roofline.py for how each term enters.
+    """
+
+    linear_mfu: float = 0.85  # GEMMs of a prefill chunk (bounded below by reading the weights once)
     attn_causal_mfu: float = 0.18  # attention among the new tokens (dense, causal)
-    attn_prefix_mfu: float = 0.20  # new tokens attending to the cached prefix (paged gather)
-    extend_prefix_bw_frac: float = 0.015  # prefix KV read by a low-parallelism extend kernel
-    decode_bw_frac: float = 0.80  # weights + KV streamed by a decode step
+    attn_prefix_mfu: float = 0.15  # new tokens attending to the cached prefix (paged gather)
+    extend_prefix_bw_frac: float = 0.0165  # floor: prefix KV streamed by the extend kernel's few CTAs when m is small
+    decode_bw_frac: float = 0.80  # weights + KV streamed by a decode step (and weights by a small prefill)
     decode_step_overhead_ms: float = 1.1  # launch/sampling/scheduler cost per decode step
-    prefill_overhead_ms: float = 3.0  # per prefill forward
+    prefill_overhead_ms: float = 0.5  # per prefill forward
     request_overhead_ms: float = 30.0  # HTTP, tokenizer manager, scheduler hops around one request
     per_token_overhead_us: float = 1.4  # the same, per prompt token (JSON of input_ids, host-side copies)
+    # PD decode side: when a transferred request joins the running batch, the decode GPU stalls for a fixed cost plus
+    # the KV landing in its HBM (others' max gap under the P-route); the request's own first token is not delayed.
+    kv_landing_overhead_ms: float = 1.4
+    kv_landing_bw_frac: float = 0.035
 
 
 GPUS: dict[str, GpuSpec] = {

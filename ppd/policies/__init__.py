@@ -7,11 +7,22 @@ from typing import Any
 
 from ppd.policies.base import Decision, Policy, PolicyContext, Route, RouteScore, RoutingInput, ServerLoad
 from ppd.policies.fixed import AlwaysDecode, AlwaysPrefill
+from ppd.policies.threshold import ThresholdPolicy
+
+
+def _auto(**params: Any) -> Policy:
+    # imported on first use: auto -> costmodel -> policies.base would otherwise be a cycle through this package
+    from ppd.policies.auto import AutoPolicy
+
+    return AutoPolicy(**params)
+
 
 # name -> factory(context=PolicyContext, **policy_params); every factory accepts `context` as a keyword
 _REGISTRY: dict[str, Callable[..., Policy]] = {
     "prefill": lambda **_: AlwaysPrefill(),
     "decode": lambda **_: AlwaysDecode(),
+    "threshold": ThresholdPolicy,
+    "auto": _auto,
 }
 
 

@@ -1,0 +1,205 @@
+"""Our router's `prefill` policy vs SGLang's own router on the same PD servers: same tokens, TTFT side by side.
+
+    python -m experiments.gpu_router_compare --ours http://127.0.0.1:8000 \
+        --sglang http://127.0.0.1:8100 --sglang-label sglang-router --mini-lb http://127.0.0.1:8200 \
+        --out results/h200x2/router_compare.json
+
+Reference routers are sglang-router 0.3.2 (`python -m sglang_router.launch_router --pd-disaggregation --prefill URL
+PORT --decode URL`, the Rust router; `--mini-lb` for its Python MiniLB), sent SGLang's native /generate with token
+ids. Ours gets the same ids as an OpenAI completion (`prompt` as a token list) with `x-ppd-policy: prefill`.
+1. Tokens: one prompt per length through each router, greedy, ignore_eos, the servers' caches flushed before each
+   (a cached prefix changes the prefill kernel's arithmetic); the reference output ids vs ours (ids from
+   our `ppd` extension when it carries them, else the text decoded by the router's tokenizer, compared with the
+   reference ids decoded the same way; a dummy-weight model emits ids outside that tokenizer's vocabulary, which
+   decode to nothing, so the text comparison is the weaker one and is labelled as such).
+2. TTFT: fresh prompts (nothing cached) of each length, routers alternating, `--reps` each; medians side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from experiments import gpu_common as G
+from ppd.sglang.protocol import generate_body, parse_sse_line
+
+
+async def via_sglang_router(c: httpx.AsyncClient, url: str, ids: list[int], n_out: int) -> dict[str, Any]:
+    body = generate_body(ids, G.sampling(n_out), stream=True)
+    t0 = time.perf_counter()
+    ttft, out_ids, err = None, [], None
+    try:
+        async with c.stream("POST", f"{url}/generate", json=body) as r:
+            if r.status_code != 200:
+                err = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            else:
+                async for line in r.aiter_lines():
+                    o = parse_sse_line(line)
+                    if o is None:
+                        continue
+                    if o.output_ids and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    out_ids = o.output_ids
+    except httpx.HTTPError as e:
+        err = repr(e)
+    return {"ttft_ms": None if ttft is None else ttft * 1000, "output_ids": out_ids, "text": None, "error": err}
+
+
+async def via_ours(c: httpx.AsyncClient, url: str, model: str, ids: list[int], n_out: int) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "prompt": ids,
+        "max_tokens": n_out,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    ttft, text, ppd, usage, err = None, "", {}, {}, None
+    try:
+        async with c.stream("POST", f"{url}/v1/completions", json=body, headers={"x-ppd-policy": "prefill"}) as r:
+            if r.status_code != 200:
+                err = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    obj = json.loads(line[5:])
+                    for ch in obj.get("choices") or []:
+                        if ch.get("text") is not None and ttft is None:
+                            ttft = time.perf_counter() - t0
+                        text += ch.get("text") or ""
+                    ppd = obj.get("ppd") or ppd
+                    usage = obj.get("usage") or usage
+    except httpx.HTTPError as e:
+        err = repr(e)
+    return {
+        "ttft_ms": None if ttft is None else ttft * 1000,
+        "output_ids": ppd.get("output_ids"),
+        "text": text,
+        "completion_tokens": usage.get("completion_tokens"),
+        "route": ppd.get("route"),
+        "error": err,
+    }
+
+
+def same_tokens(ref: dict[str, Any], ours: dict[str, Any], decode) -> tuple[bool | None, str]:
+    if ref["error"] or ours["error"]:
+        return None, "error"
+    if ours.get("output_ids") is not None:
+        return list(ours["output_ids"]) == list(ref["output_ids"]), "ids"
+    same_len = ours.get("completion_tokens") in (None, len(ref["output_ids"]))
+    return same_len and decode(ref["output_ids"]) == ours["text"], "text (weak: dummy ids outside the vocab)"
+
+
+async def flush(c: httpx.AsyncClient, args: argparse.Namespace) -> None:
+    await asyncio.sleep(0.5)  # SGLang flushes only when idle
+    for url in (args.prefill, args.decode):
+        if not await G.flush_cache(c, url):
+            print(f"warning: /flush_cache refused by {url}", file=sys.stderr)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from ppd.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.load(args.tokenizer)
+    refs = [(args.sglang_label, args.sglang)] + ([("mini-lb", args.mini_lb)] if args.mini_lb else [])
+    rng = random.Random(args.seed)
+    async with G.client() as c:
+        model = args.model
+        # warm every path once
+        for _name, url in refs:
+            await via_sglang_router(c, url, G.random_ids(rng, 256), 4)
+        await via_ours(c, args.ours, model, G.random_ids(rng, 256), 4)
+
+        identity = []
+        for n in args.lengths:
+            ids = G.random_ids(rng, n)
+            await flush(c, args)
+            ours = await via_ours(c, args.ours, model, ids, args.max_new_tokens)
+            for name, url in refs:
+                await flush(c, args)
+                ref = await via_sglang_router(c, url, ids, args.max_new_tokens)
+                same, how = same_tokens(ref, ours, tok.decode)
+                identity.append(
+                    {
+                        "router": name,
+                        "prompt_tokens": n,
+                        "same_tokens": same,
+                        "compared": how,
+                        "ref_error": ref["error"],
+                        "ours_error": ours["error"],
+                        "route": ours["route"],
+                        "ref_ids_head": ref["output_ids"][:8],
+                    }
+                )
+                print(f"tokens L={n} {name} vs ours: {same} ({how})", flush=True)
+
+        timing: dict[tuple[str, int], list[float]] = {}
+        for n in args.lengths:
+            for rep in range(args.reps):
+                order = [("ours", args.ours)] + refs
+                if rep % 2:
+                    order.reverse()
+                for name, url in order:
+                    ids = G.random_ids(rng, n)  # fresh: no router gets a cache hit the other made
+                    res = (
+                        await via_ours(c, url, model, ids, args.max_new_tokens)
+                        if name == "ours"
+                        else await via_sglang_router(c, url, ids, args.max_new_tokens)
+                    )
+                    if res["ttft_ms"] is not None and not res["error"]:
+                        timing.setdefault((name, n), []).append(res["ttft_ms"])
+        rows = []
+        for n in args.lengths:
+            row: dict[str, Any] = {"prompt_tokens": n}
+            for name in ["ours"] + [r[0] for r in refs]:
+                xs = timing.get((name, n), [])
+                row[f"{name}_ttft_ms_p50"] = round(statistics.median(xs), 2) if xs else None
+                row[f"{name}_n"] = len(xs)
+            rows.append(row)
+            print(row, flush=True)
+    return {
+        "experiment": "gpu_router_compare",
+        "command": " ".join(sys.argv),
+        "max_new_tokens": args.max_new_tokens,
+        "identity": identity,
+        "ttft": rows,
+        "versions": G.versions(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ours", default="http://127.0.0.1:8000")
+    p.add_argument("--sglang", default="http://127.0.0.1:8100", help="sglang-router (Rust) in PD mode")
+    p.add_argument("--sglang-label", default="sglang-router")
+    p.add_argument("--mini-lb", default=None, help="sglang-router's --mini-lb, if running")
+    p.add_argument("--prefill", default="http://127.0.0.1:31000", help="flushed before each identity request")
+    p.add_argument("--decode", default="http://127.0.0.1:31001")
+    p.add_argument("--model", default="llama-3-8b", help="served model name of our router")
+    p.add_argument("--tokenizer", default="builtin")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 8192])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    doc = asyncio.run(run(args))
+    G.write_json(args.out, doc)
+    with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
+        f.write(G.md_table(doc["ttft"], [(k, k) for k in doc["ttft"][0]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""HTTP client for SGLang 0.5.10.post1 servers (and the emulated ones): /generate streams, aborts, health, metrics.
+
+One pooled `httpx.AsyncClient` per router. Idle keep-alive connections expire before the backends' own idle timeout
+(uvicorn's 5 s in SGLang): a request sent on a connection the server has just closed fails, and on the P-route that
+once left the decode half waiting 300 s (../shared/gpu/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from ppd.sglang.protocol import (
+    METRIC_MAX_TOTAL_TOKENS,
+    METRIC_QUEUED,
+    METRIC_RUNNING,
+    METRIC_TOKEN_USAGE,
+    METRIC_USED_TOKENS,
+    SSE_DONE,
+    GenerateOutput,
+)
+
+log = logging.getLogger(__name__)
+
+BACKEND_KEEPALIVE_EXPIRY_S = 2.0  # below SGLang's (uvicorn's) 5 s idle timeout
+
+
+class BackendError(Exception):
+    """A backend call failed. `connect` = the server could not be reached (nothing was sent)."""
+
+    def __init__(self, url: str, message: str, status: int | None = None, connect: bool = False):
+        super().__init__(f"{url}: {message}")
+        self.url = url
+        self.message = message
+        self.status = status
+        self.connect = connect
+
+
+def make_http_client(
+    connect_timeout_s: float, max_connections: int, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The router's one pooled client. Read timeouts are enforced per token by the caller (first/inter-token)."""
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(connect=connect_timeout_s, read=None, write=connect_timeout_s, pool=connect_timeout_s),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=min(max_connections, 256),
+            keepalive_expiry=BACKEND_KEEPALIVE_EXPIRY_S,
+        ),
+    )
+
+
+@dataclass
+class DeltaIds:
+    """Turns SGLang stream chunks into new token ids, whether `output_ids` is cumulative (SGLang's default) or
+    incremental (`--incremental-streaming-output`)."""
+
+    ids: list[int] = field(default_factory=list)
+
+    def feed(self, out: GenerateOutput) -> list[int]:
+        total = out.meta_info.get("completion_tokens")
+        cumulative = len(out.output_ids) == total if total is not None else out.output_ids[: len(self.ids)] == self.ids
+        new = out.output_ids[len(self.ids) :] if cumulative else out.output_ids
+        self.ids.extend(new)
+        return list(new)
+
+
+@dataclass(frozen=True)
+class BackendMetrics:
+    running_reqs: int = 0
+    queued_reqs: int = 0
+    token_usage: float = 0.0
+    used_tokens: int = 0
+    max_total_tokens: int = 0
+
+
+def parse_metrics(text: str) -> BackendMetrics:
+    """Sum SGLang's gauges over their label sets (one per DP rank / model)."""
+    sums: dict[str, float] = {}
+    wanted = {METRIC_RUNNING, METRIC_QUEUED, METRIC_TOKEN_USAGE, METRIC_USED_TOKENS, METRIC_MAX_TOTAL_TOKENS}
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        for sample in family.samples:
+            if sample.name == family.name:
+                sums[family.name] = sums.get(family.name, 0.0) + float(sample.value)
+    return BackendMetrics(
+        running_reqs=int(sums.get(METRIC_RUNNING, 0)),
+        queued_reqs=int(sums.get(METRIC_QUEUED, 0)),
+        token_usage=float(sums.get(METRIC_TOKEN_USAGE, 0.0)),
+        used_tokens=int(sums.get(METRIC_USED_TOKENS, 0)),
+        max_total_tokens=int(sums.get(METRIC_MAX_TOTAL_TOKENS, 0)),
+    )
+
+
+def _parse_chunk(url: str, line: str) -> GenerateOutput | None:
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if not payload or payload == SSE_DONE:
+        return None
+    try:
+        obj = json.loads(payload)
+    except json.JSONDecodeError as err:
+        raise BackendError(url, f"malformed stream chunk: {payload[:200]!r}") from err
+    if isinstance(obj, dict) and obj.get("error"):
+        err_obj = obj["error"]
+        message = err_obj.get("message", str(err_obj)) if isinstance(err_obj, dict) else str(err_obj)
+        raise BackendError(url, f"error in stream: {message}")
+    return GenerateOutput.from_json(obj)
+
+
+class SGLangClient:
+    def __init__(self, http: httpx.AsyncClient):
+        self.http = http
+        self._background: set[asyncio.Task] = set()
+
+    @asynccontextmanager
+    async def generate_stream(self, url: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[GenerateOutput]]:
+        """POST /generate with stream=True; yields an iterator of chunks. Raises BackendError on connect/non-200."""
+        try:
+            request = self.http.build_request("POST", f"{url}/generate", json=body)
+            response = await self.http.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+            raise BackendError(url, f"cannot connect: {type(err).__name__}", connect=True) from err
+        except httpx.HTTPError as err:
+            raise BackendError(url, f"request failed: {type(err).__name__}: {err}") from err
+        try:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise BackendError(url, f"HTTP {response.status_code}: {text[:500]}", status=response.status_code)
+            yield self._chunks(url, response)
+        finally:
+            await response.aclose()
+
+    async def _chunks(self, url: str, response: httpx.Response) -> AsyncIterator[GenerateOutput]:
+        try:
+            async for line in response.aiter_lines():
+                out = _parse_chunk(url, line)
+                if out is not None:
+                    yield out
+        except httpx.HTTPError as err:
+            raise BackendError(url, f"stream broken: {type(err).__name__}: {err}") from err
+
+    async def generate_last(self, url: str, body: dict[str, Any]) -> GenerateOutput:
+        """Run a /generate stream to its end and return the last chunk (the prefill half of a P-route)."""
+        last: GenerateOutput | None = None
+        async with self.generate_stream(url, body) as chunks:
+            async for out in chunks:
+                last = out
+        if last is None:
+            raise BackendError(url, "stream ended without output")
+        return last
+
+    async def abort(self, url: str, rid: str) -> bool:
+        """SGLang's POST /abort_request {"rid"}; best effort (the server may already have finished the request)."""
+        try:
+            resp = await self.http.post(f"{url}/abort_request", json={"rid": rid})
+            return resp.status_code == 200
+        except httpx.HTTPError as err:
+            log.warning("abort %s on %s failed: %s", rid, url, err)
+            return False
+
+    def abort_soon(self, url: str, rid: str) -> None:
+        """Abort in the background: callable from a cancelled task (client disconnect) without awaiting."""
+        task = asyncio.get_running_loop().create_task(self.abort(url, rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def keep(self, task: asyncio.Task) -> None:
+        """Hold a reference to a fire-and-forget task until it ends; its exception is logged, never lost."""
+        self._background.add(task)
+
+        def _done(t: asyncio.Task) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.debug("background task failed: %s", t.exception())
+
+        task.add_done_callback(_done)
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout_s)
+
+    async def health(self, url: str, timeout_s: float) -> bool:
+        try:
+            resp = await self.http.get(f"{url}/health", timeout=timeout_s)
+            return resp.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def metrics(self, url: str, timeout_s: float) -> BackendMetrics | None:
+        try:
+            resp = await self.http.get(f"{url}/metrics", timeout=timeout_s)
+            if resp.status_code != 200:
+                return None
+            return parse_metrics(resp.text)
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    async def server_info(self, url: str, timeout_s: float) -> dict[str, Any] | None:
+        """/server_info (SGLang 0.5.10), falling back to the deprecated /get_server_info."""
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                resp = await self.http.get(f"{url}{path}", timeout=timeout_s)
+                if resp.status_code == 200:
+                    return resp.json()
+            except (httpx.HTTPError, ValueError):
+                continue
+        return None

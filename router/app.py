@@ -1,0 +1,338 @@
+"""The AppendRouter: an OpenAI-compatible FastAPI app in front of SGLang prefill/decode servers.
+
+The request path, in three hops:
+    POST /v1/chat/completions -> tokenize -> `Router.plan` (servers + policy.decide: P-route or D-route)
+    -> `RouteCall` (ppd.sglang.client: /generate on prefill+decode, or decode only) -> text back to the client.
+All state (HTTP pool, tokenizer, backends with their prefix indexes, policies, metrics) lives in the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ppd.config import StackConfig, resolve_path, to_dict
+from ppd.policies import policy_names
+from ppd.sglang import protocol
+from ppd.sglang.client import BackendError, SGLangClient, make_http_client
+from ppd.tokenizer import ChatTokenizer
+from router import openai_models as om
+from router.backends import BackendPool
+from router.errors import OpenAIError, install_error_handlers
+from router.metrics import RouterMetrics
+from router.pd import RouteCall, Timeouts
+from router.routing import RoutePlan, Router
+from router.streaming import Generation, error_from, sse_stream
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SAVE_INTERVAL_S = 30.0
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class RouterState:
+    cfg: StackConfig
+    http: httpx.AsyncClient
+    client: SGLangClient
+    tokenizer: ChatTokenizer
+    pool: BackendPool
+    router: Router
+    metrics: RouterMetrics
+    timeouts: Timeouts
+    started: int
+
+
+def load_tokenizer(cfg: StackConfig) -> ChatTokenizer:
+    source = cfg.model.tokenizer
+    return ChatTokenizer.load(source if source == "builtin" else str(resolve_path(source)))
+
+
+def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The router app for `cfg`. `transport` replaces the network (tests pass an httpx.MockTransport)."""
+    if cfg.router.policy not in policy_names():
+        raise ValueError(f"router.policy: unknown policy {cfg.router.policy!r}; known: {', '.join(policy_names())}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        r = cfg.router
+        metrics = RouterMetrics()
+        # P-route requests hold two connections (prefill + decode), plus health/metrics polls and aborts.
+        http = make_http_client(r.connect_timeout_s, 2 * r.max_inflight_total + 4 * len(cfg.servers) + 16, transport)
+        client = SGLangClient(http)
+        pool = BackendPool(cfg, client, metrics)
+        state = RouterState(
+            cfg=cfg,
+            http=http,
+            client=client,
+            tokenizer=load_tokenizer(cfg),
+            pool=pool,
+            router=Router(cfg, pool, metrics),
+            metrics=metrics,
+            timeouts=Timeouts(r.first_token_timeout_s, r.inter_token_timeout_s),
+            started=int(time.time()),
+        )
+        app.state.ppd = state
+        metrics.watch_policies(lambda: state.router.policies)
+        await pool.start()
+        saver = asyncio.create_task(_save_calibration_every(state.router, CALIBRATION_SAVE_INTERVAL_S))
+        try:
+            yield
+        finally:
+            saver.cancel()
+            await pool.stop()
+            _save_calibration(state.router)
+            await client.drain()
+            await http.aclose()
+
+    app = FastAPI(title="P-PD AppendRouter", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: om.ChatCompletionRequest, request: Request) -> Response:
+        state: RouterState = request.app.state.ppd
+        req.check_supported()
+        _check_model(state, req.model)
+        prompt_ids = state.tokenizer.encode_chat([m.as_dict() for m in req.messages])
+        max_new = _max_new_tokens(state, len(prompt_ids), req.requested_max_tokens(), "messages")
+        return await _serve(state, request, "chat", req, prompt_ids, max_new)
+
+    @app.post("/v1/completions")
+    async def completions(req: om.CompletionRequest, request: Request) -> Response:
+        state: RouterState = request.app.state.ppd
+        req.check_supported()
+        _check_model(state, req.model)
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            prompt_ids = state.tokenizer.encode(prompt)
+        else:
+            bad = [t for t in prompt if not 0 <= t < state.tokenizer.vocab_size]
+            if bad:
+                raise OpenAIError(
+                    400,
+                    f"token id {bad[0]} is outside the vocabulary (size {state.tokenizer.vocab_size})",
+                    param="prompt",
+                    code="invalid_value",
+                )
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise OpenAIError(400, "prompt is empty", param="prompt", code="invalid_value")
+        max_new = _max_new_tokens(state, len(prompt_ids), req.requested_max_tokens(), "prompt")
+        return await _serve(state, request, "completions", req, prompt_ids, max_new)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        state: RouterState = request.app.state.ppd
+        return om.models_list(state.cfg.model.served_name, state.started)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        state: RouterState = request.app.state.ppd
+        body = {"ready": state.pool.ready(), "backends": {b.name: b.health.value for b in state.pool.all}}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state: RouterState = request.app.state.ppd
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/ppd/model")
+    async def ppd_model(request: Request, policy: str | None = None) -> dict[str, Any]:
+        """The policy's own description (cost-model parameters, calibration state); `?policy=` for another one."""
+        state: RouterState = request.app.state.ppd
+        p = state.router.policy(policy)
+        describe = getattr(p, "describe", None)
+        return describe() if describe is not None else {"policy": p.name}
+
+    @app.get("/ppd/backends")
+    async def ppd_backends(request: Request) -> dict[str, Any]:
+        state: RouterState = request.app.state.ppd
+        return {
+            "mode": state.cfg.mode,
+            "policy": state.cfg.router.policy,
+            "backends": [
+                {
+                    "name": b.name,
+                    "url": b.url,
+                    "health": b.health.value,
+                    "inflight": b.inflight,
+                    "metrics": to_dict(b.metrics) if b.has_metrics else None,
+                    "index_tokens": b.index.total_tokens,
+                    "capacity_tokens": b.index.capacity_tokens,
+                    "capacity_source": b.capacity_source,
+                }
+                for b in state.pool.all
+            ],
+        }
+
+    return app
+
+
+async def _save_calibration_every(router: Router, interval_s: float) -> None:
+    if not router.cfg.router.calibration_path:
+        return
+    while True:
+        await asyncio.sleep(interval_s)
+        await asyncio.to_thread(_save_calibration, router)
+
+
+def _save_calibration(router: Router) -> None:
+    try:
+        router.save_calibration()
+    except Exception:  # a full disk must not take the router down
+        log.exception("saving calibration to %s failed", router.cfg.router.calibration_path)
+
+
+def _check_model(state: RouterState, model: str) -> None:
+    if model != state.cfg.model.served_name:
+        raise OpenAIError(
+            404,
+            f"the model {model!r} does not exist; this router serves {state.cfg.model.served_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _max_new_tokens(state: RouterState, prompt_tokens: int, requested: int | None, param: str) -> int:
+    limit = state.cfg.model.context_length
+    if requested is None:
+        requested = max(1, min(om.DEFAULT_CHAT_MAX_TOKENS, limit - prompt_tokens))
+    if prompt_tokens + requested > limit:
+        raise OpenAIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the {param}, {requested} in the completion). "
+            "Please reduce the length of the prompt or max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _route_headers(plan: RoutePlan, request_id: str) -> dict[str, str]:
+    d = plan.decision
+    return {
+        "x-ppd-route": d.route.value,
+        "x-ppd-policy": d.policy,
+        "x-ppd-reason": d.reason,
+        "x-ppd-cache-rate": f"{d.cache_rate:.4f}",
+        "x-ppd-decode-cached-tokens": str(plan.decode_cached_tokens),
+        "x-ppd-append-tokens": str(plan.append_tokens),
+        "x-request-id": request_id,
+    }
+
+
+async def _start(
+    state: RouterState,
+    request: Request,
+    endpoint: str,
+    req: om._SamplingFields,
+    prompt_ids: list[int],
+    max_new: int,
+    t0: float,
+) -> Generation:
+    """Plan, send, wait for the first token. A server that cannot be reached is marked down and the request
+    planned once more without it (nothing ran there, so nothing is lost): a dead prefill server makes the policy
+    fall back to the D-route, a dead decode server sends the conversation elsewhere with L = 0."""
+    policy = request.headers.get("x-ppd-policy") or None
+    conversation = request.headers.get("x-ppd-conversation") or None
+    sampling = req.sampling_params(max_new)
+    exclude: set[str] = set()
+    for attempt in range(2):
+        plan = state.router.plan(prompt_ids, max_new, policy, conversation, exclude)
+        rid = uuid.uuid4().hex
+        body = protocol.generate_body(prompt_ids, sampling, stream=True, rid=rid)
+        call = RouteCall(state.client, plan, body, state.timeouts)
+        gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0)
+        try:
+            await gen.prime()
+            return gen
+        except BaseException as exc:
+            state.router.release(plan)
+            for name in call.aborted:
+                state.metrics.aborts.labels(name).inc()
+            failed = next((b for b in plan.backends if isinstance(exc, BackendError) and b.url == exc.url), None)
+            if failed is not None and isinstance(exc, BackendError) and exc.connect:
+                state.pool.mark_failed(failed, str(exc))
+                if attempt == 0:
+                    exclude.add(failed.name)
+                    log.warning("retrying %s without %s: %s", endpoint, failed.name, exc)
+                    continue
+            if isinstance(exc, Exception):
+                err = error_from(exc)
+                state.metrics.requests.labels(
+                    endpoint, plan.route.value, "timeout" if err.status == 504 else "backend_error"
+                ).inc()
+                raise err from exc
+            raise
+    raise AssertionError("unreachable")
+
+
+async def _serve(
+    state: RouterState, request: Request, endpoint: str, req: om._SamplingFields, prompt_ids: list[int], max_new: int
+) -> Response:
+    t0 = time.perf_counter()
+    incoming = request.headers.get("x-request-id", "")
+    try:
+        gen = await _start(state, request, endpoint, req, prompt_ids, max_new, t0)
+    except OpenAIError as err:
+        if err.status in (429, 503):
+            state.metrics.requests.labels(endpoint, "none", "rejected").inc()
+        raise
+    request_id = incoming if _REQUEST_ID.match(incoming) else gen.call.rid
+    headers = _route_headers(gen.plan, request_id)
+    model = state.cfg.model.served_name
+    rid = gen.call.rid
+
+    if req.stream:
+        created = om.now()
+        if endpoint == "chat":
+
+            def first() -> dict:
+                return om.chat_chunk(rid, model, created, {"role": "assistant", "content": ""})
+
+            def chunk(text: str | None, finish: str | None, empty: bool = False) -> dict:
+                delta = None if empty else ({"content": text} if text is not None else {})
+                return om.chat_chunk(rid, model, created, delta, finish)
+        else:
+
+            def first() -> None:
+                return None
+
+            def chunk(text: str | None, finish: str | None, empty: bool = False) -> dict:
+                return om.completion_chunk(rid, model, created, None if empty else (text or ""), finish)
+
+        return StreamingResponse(
+            sse_stream(gen, chunk, first, req.include_usage()),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache"},
+        )
+
+    try:
+        result = await gen.run()
+    except Exception as exc:
+        gen.abandon()
+        err = error_from(exc)
+        state.metrics.requests.labels(
+            endpoint, gen.plan.route.value, "timeout" if err.status == 504 else "backend_error"
+        ).inc()
+        return err.response(headers)
+    finally:
+        state.router.release(gen.plan)
+    build = om.chat_response if endpoint == "chat" else om.completion_response
+    return JSONResponse(build(rid, model, result.text, result.finish_reason, result.usage, result.ppd), headers=headers)

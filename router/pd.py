@@ -1,0 +1,210 @@
+"""Running one routed request on its backends.
+
+- P-route: exactly sglang-router's mini_lb: one /generate body with bootstrap_host/port/room, POSTed concurrently to
+  the prefill and the decode server; tokens stream from the decode server. If the prefill half fails, the decode half
+  is aborted (/abort_request) at once: otherwise the decode server holds the slot until its 300 s bootstrap timeout.
+- D-route: the decode server only, marked as a local append (protocol.local_append).
+- colocated: a plain /generate to one normal server.
+
+`RouteCall.chunks()` yields (new token ids, chunk) and enforces the first-token and inter-token timeouts; whenever it
+stops before the backend said the request finished (error, timeout, stop string, client gone), every server still
+working on the request gets an abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ppd.policies import Route
+from ppd.sglang import protocol
+from ppd.sglang.client import BackendError, DeltaIds, SGLangClient
+from router.errors import OpenAIError
+from router.routing import RoutePlan
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    first_token_s: float
+    inter_token_s: float
+
+
+class PrefillFailed(BackendError):
+    """The prefill half of a P-route failed; the decode half has been aborted."""
+
+
+def bootstrap_hostname(url: str) -> str:
+    """mini_lb: the prefill URL's hostname, IPv6 wrapped in brackets."""
+    host = urllib.parse.urlparse(url).hostname or ""
+    return f"[{host}]" if ":" in host else host
+
+
+def backend_body(plan: RoutePlan, body: dict[str, Any]) -> dict[str, Any]:
+    """The exact /generate body each route sends (the same one to both servers on the P-route)."""
+    room = protocol.new_bootstrap_room()
+    if plan.route is Route.PREFILL:
+        assert plan.prefill is not None
+        return protocol.with_bootstrap(
+            body, bootstrap_hostname(plan.prefill.url), int(plan.prefill.server.bootstrap_port or 0), room
+        )
+    if plan.route is Route.DECODE:
+        return protocol.local_append(body, room)
+    return dict(body)
+
+
+async def _with_timeout(aw: Awaitable[T], timeout_s: float) -> T:
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout_s):
+            return await aw
+    return await asyncio.wait_for(aw, timeout_s)  # pragma: no cover - Python 3.10
+
+
+async def _guarded(aw: Awaitable[T], guard: asyncio.Task | None, deadline: float) -> T:
+    """Await `aw` until `deadline` (loop time), failing early if `guard` (the prefill half) fails."""
+    task = asyncio.ensure_future(aw)
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            if guard is not None and guard.done():
+                if guard.cancelled():
+                    raise PrefillFailed("prefill", "prefill half cancelled")
+                if guard.exception() is not None:
+                    raise guard.exception()  # type: ignore[misc]
+                guard = None  # the prefill half finished fine; only the decode server matters now
+            waiting = {task} if guard is None else {task, guard}
+            timeout = max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if not done:
+                raise TimeoutError
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class RouteCall:
+    """One in-flight backend generation of a `RoutePlan`."""
+
+    def __init__(self, client: SGLangClient, plan: RoutePlan, body: dict[str, Any], timeouts: Timeouts):
+        self.client = client
+        self.plan = plan
+        self.body = backend_body(plan, body)
+        self.rid: str = self.body["rid"]
+        self.timeouts = timeouts
+        self.finished = False  # the backend sent a finish_reason
+        self.last: protocol.GenerateOutput | None = None
+        self.prefill_out: protocol.GenerateOutput | None = None
+        self.aborted: list[str] = []  # backend names that were sent /abort_request
+        self._prefill_task: asyncio.Task | None = None
+
+    async def _prefill_half(self) -> protocol.GenerateOutput:
+        assert self.plan.prefill is not None
+        try:
+            out = await self.client.generate_last(self.plan.prefill.url, self.body)
+        except BackendError as err:
+            raise PrefillFailed(err.url, err.message, status=err.status, connect=err.connect) from err
+        self.prefill_out = out
+        return out
+
+    def _abort(self, include_prefill: bool) -> None:
+        targets = [self.plan.decode] + ([self.plan.prefill] if include_prefill and self.plan.prefill else [])
+        for b in targets:
+            self.client.abort_soon(b.url, self.rid)
+            self.aborted.append(b.name)
+
+    async def chunks(self) -> AsyncIterator[tuple[list[int], protocol.GenerateOutput]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.first_token_s
+        if self.plan.route is Route.PREFILL:
+            self._prefill_task = asyncio.create_task(self._prefill_half())
+            self._prefill_task.add_done_callback(_retrieve)
+        guard = self._prefill_task
+        delta = DeltaIds()
+        first = True
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                stream = await _guarded(
+                    stack.enter_async_context(self.client.generate_stream(self.plan.decode.url, self.body)),
+                    guard,
+                    deadline,
+                )
+                it = aiter(stream)
+                while True:
+                    try:
+                        if first:
+                            out = await _guarded(anext(it), guard, deadline)
+                        else:
+                            out = await _with_timeout(anext(it), self.timeouts.inter_token_s)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        what = "first token" if first else "next token"
+                        limit = self.timeouts.first_token_s if first else self.timeouts.inter_token_s
+                        raise OpenAIError(
+                            504,
+                            f"backend timed out waiting for the {what} (limit {limit:g} s)",
+                            code="first_token_timeout" if first else "inter_token_timeout",
+                        ) from None
+                    new_ids = delta.feed(out)
+                    self.last = out
+                    if out.finish_reason is not None:
+                        self.finished = True  # the server is done with this rid, whatever the reason
+                        if out.finish_reason.get("type") == "abort":
+                            # SGLang ends an aborted request's stream this way (failed KV transfer, overload, ...)
+                            message = out.finish_reason.get("message") or "aborted"
+                            status = out.finish_reason.get("status_code")
+                            raise BackendError(
+                                self.plan.decode.url, f"request aborted by the server: {message}", status=status
+                            )
+                    if new_ids or self.finished:
+                        first = False
+                        yield new_ids, out
+                    if self.finished:
+                        break
+            if not self.finished:
+                raise BackendError(self.plan.decode.url, "stream ended before the request finished")
+        except TimeoutError:  # waiting for the decode server's response headers
+            raise OpenAIError(
+                504,
+                f"backend timed out waiting for the first token (limit {self.timeouts.first_token_s:g} s)",
+                code="first_token_timeout",
+            ) from None
+        finally:
+            prefill = self._prefill_task
+            prefill_running = prefill is not None and not prefill.done()
+            if not self.finished:
+                # Whatever stopped us, the servers still working on this rid must stop too.
+                self._abort(include_prefill=prefill_running)
+                if prefill_running:
+                    prefill.cancel()
+            elif prefill_running:
+                self.client.keep(prefill)  # nearly done: the decode server already has its KV
+
+    async def prefill_result(self, timeout_s: float = 1.0) -> protocol.GenerateOutput | None:
+        """The prefill half's last chunk (its meta_info), once the decode half finished."""
+        if self._prefill_task is None:
+            return None
+        with contextlib.suppress(BaseException):
+            return await asyncio.wait_for(asyncio.shield(self._prefill_task), timeout_s)
+        return None
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a task's exception as seen (it is raised where it matters, through `_guarded`)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def monotonic_ms() -> float:
+    return time.perf_counter() * 1000.0

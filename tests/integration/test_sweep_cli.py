@@ -1,0 +1,100 @@
+"""`ppd sweep --minimal --background-streams 0,4` against the embedded stack: the files are produced and well-formed
+(their timings are not checked here; experiments/ and results/ are where numbers live), and a rerun resumes."""
+
+import csv
+import json
+
+import pytest
+
+from ppd.cli import main
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_METRICS = ("ttft_ms", "tpot_ms", "e2e_latency_ms", "kv_bytes", "cost_ms", "cost_w0_ms", "bg_extra_sum_ms")
+BG_METRICS = ("bg_tpot_p50_ms", "bg_tpot_p99_ms", "bg_max_gap_ms", "bg_tpot_before_p50_ms")
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(embedded_stack, tmp_path_factory):
+    stack = embedded_stack()
+    out = tmp_path_factory.mktemp("sweep")
+    argv = [
+        "sweep",
+        "--router-url",
+        stack.router_url,
+        "--minimal",
+        "--background-streams",
+        "0,4",
+        "--bg-prompt-tokens",
+        "256",
+        "--bg-output-tokens",
+        "160",
+        "--bg-before-tokens",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_outputs_well_formed(sweep_dir):
+    out, _ = sweep_dir
+    doc = json.loads((out / "sweep.json").read_text())
+    assert {"config", "start_time", "end_time", "summary", "results"} <= set(doc)
+    measured = doc["config"]["policies_measured"]
+    assert {"prefill", "decode"} <= set(measured)
+    results = doc["results"]
+    assert len(results) == 2 * 4 * len(measured)  # N in {0, 4} x 4 grid points x policies
+    assert doc["summary"]["total_tests"] == len(results)
+    for r in results:
+        assert r["ok"], r.get("error")
+        tc = r["test_case"]
+        assert tc["context_length"] in (1024, 4096) and tc["append_length"] in (16, 1024)
+        assert tc["cache_rate"] == pytest.approx(
+            tc["context_length"] / (tc["context_length"] + tc["append_length"]), abs=1e-6
+        )
+        assert tc["background_streams"] in (0, 4)
+        assert r["route"] in ("prefill", "decode")
+        for k in REQUIRED_METRICS:
+            assert r["metrics"][k] is not None, k
+        assert r["metrics"]["ttft_ms"] > 0 and r["metrics"]["output_tokens"] == 4
+        if tc["background_streams"] == 4:
+            for k in BG_METRICS:
+                assert r["metrics"][k] is not None, k
+    forced = [r for r in results if r["policy"] in ("prefill", "decode")]
+    assert all(r["route"] == r["policy"] for r in forced)  # x-ppd-policy forces the route
+    assert all(r["metrics"]["kv_bytes"] > 0 for r in forced if r["route"] == "prefill")
+    bands = doc["summary"]["by_cache_rate"]
+    assert set(bands) <= {"low", "mid", "high"} and "high" in bands
+    regret = doc["summary"]["regret"]
+    assert set(regret) == {"weight_1", "weight_0"} and set(regret["weight_1"]) == {"0", "4"}
+
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert len(rows) == len(results)
+    md = (out / "sweep.md").read_text()
+    assert "Oracle regret" in md and "| 4 | decode |" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(
+        [
+            "sweep_ttft_vs_cache_rate.png",
+            "sweep_heatmap_tp_td.png",
+            "sweep_route_map.png",
+            "sweep_decision_boundary.png",
+        ]
+    )
+    for p in out.glob("*.png"):
+        assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_resumes(sweep_dir, capsys):
+    out, argv = sweep_dir
+    before = json.loads((out / "sweep.json").read_text())
+    assert main(argv) == 0
+    assert "0 measurements to run" in capsys.readouterr().out
+    after = json.loads((out / "sweep.json").read_text())
+    assert len(after["results"]) == len(before["results"])
+    assert after["config"]["resumed_from"] == len(before["results"])
