@@ -35,12 +35,14 @@ class BackgroundPool:
         extra_body: dict | None = None,
         decode_urls: list[str] | None = None,
         time_scale: float = 1.0,
+        prompt_format: str = "ids",
     ):
         self.client, self.base_url, self.model, self.words = client, base_url, model, words
         self.n, self.prompt_tokens, self.output_tokens = n_streams, prompt_tokens, output_tokens
         self.seed, self.policy, self.extra_body = seed, policy, dict(extra_body or {})
         self.decode_urls = list(decode_urls or [])
         self.time_scale = time_scale
+        self.prompt_format = prompt_format
         self.generation = 0
         self.times: list[list[float]] = []
         self.done: list[bool] = []
@@ -55,15 +57,17 @@ class BackgroundPool:
         rng = random.Random(f"bg-{self.seed}-{self.n}-{self.generation}")
         self.times = [[] for _ in range(self.n)]
         self.done = [False] * self.n
-        self._tasks = [
-            asyncio.create_task(self._run(i, self.words.text(self.prompt_tokens, rng))) for i in range(self.n)
-        ]
+        self._tasks = [asyncio.create_task(self._run(i, self._prompt(rng))) for i in range(self.n)]
         await self.wait_new_tokens(2, timeout_s=600.0)
         if self.any_done():
             await self.stop()
             raise RuntimeError(f"background streams ended at start: {self.errors[-1] if self.errors else 'no error'}")
 
-    async def _run(self, i: int, prompt: str) -> None:
+    def _prompt(self, rng: random.Random) -> list[int] | str:
+        ids = self.words.token_ids(self.prompt_tokens, rng)
+        return ids if self.prompt_format == "ids" else self.words.text_of(ids)
+
+    async def _run(self, i: int, prompt: list[int] | str) -> None:
         times = self.times[i]
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.output_tokens, "temperature": 0.0}
         body.update(self.extra_body)

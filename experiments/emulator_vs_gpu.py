@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import multiprocessing
 import os
 import pathlib
 import platform
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -98,7 +101,9 @@ def start_stack(time_scale: float, link: str, workdir: pathlib.Path):
         "backend": "emulated",
         "model": {"spec": "llama-3-8b", "tokenizer": "builtin", "context_length": 131072},
         "link": {"kind": link},
-        "prefill": [{"host": "127.0.0.1", "port": ports["prefill"], "bootstrap_port": ports["bootstrap"], "gpu": "h200"}],
+        "prefill": [
+            {"host": "127.0.0.1", "port": ports["prefill"], "bootstrap_port": ports["bootstrap"], "gpu": "h200"}
+        ],
         "decode": [{"host": "127.0.0.1", "port": ports["decode"], "gpu": "h200"}],
         "colocated": [{"host": "127.0.0.1", "port": ports["colocated"], "gpu": "h200"}],
         "emulator": {"time_scale": time_scale, "kv_bytes_scale": 1024, "chunk_size": 8192, "waiting_timeout_s": 60},
@@ -180,49 +185,120 @@ async def generate(client, stack: Stack, route: str, ids: list[int], max_new: in
     return out
 
 
-class Background:
-    """N streams decoding on the server under test, with every token's arrival time."""
+_COMPLETION = re.compile(r'"completion_tokens":\s*(\d+)')
 
-    def __init__(self, client, stack: Stack, route: str, n: int, max_new: int, seed: int):
-        self.client, self.stack, self.route, self.n, self.max_new = client, stack, route, n, max_new
+
+async def _light_stream(client: httpx.AsyncClient, url: str, body: dict, times: list[float]) -> None:
+    """A background stream: only counts tokens (cumulative chunks are not parsed), stamping each new one."""
+    loop = asyncio.get_running_loop()
+    seen = 0
+    async with client.stream("POST", f"{url}/generate", json={**body, "stream": True}) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status_code}")
+        async for line in resp.aiter_lines():
+            hit = _COMPLETION.search(line)
+            if hit:
+                now = loop.time()
+                total = int(hit.group(1))
+                times.extend([now] * (total - seen))
+                seen = max(seen, total)
+
+
+async def _background_main(conn, stack: Stack, route: str, prompts: list[list[int]], max_new: int) -> None:
+    loop = asyncio.get_running_loop()
+    times: list[list[float]] = [[] for _ in prompts]
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=len(prompts) * 2 + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        sp = {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
+        tasks = []
+        for p, ts in zip(prompts, times, strict=True):
+            body = {"input_ids": p, "sampling_params": sp}
+            if route == "prefill":
+                body.update(bootstrap_host="127.0.0.1", bootstrap_port=stack.bootstrap_port)
+                body["bootstrap_room"] = random.randint(0, 2**63 - 1)
+                tasks.append(asyncio.create_task(_light_stream(client, stack.prefill, body, [])))
+                tasks.append(asyncio.create_task(_light_stream(client, stack.decode, body, ts)))
+            else:
+                tasks.append(asyncio.create_task(_light_stream(client, stack.colocated, body, ts)))
+
+        def on_message() -> None:
+            msg = conn.recv()
+            if msg[0] == "count":
+                conn.send(min(len(ts) for ts in times))
+            elif msg[0] == "query":
+                conn.send((tpot_before(times, msg[1]), max_gap(times, msg[1], msg[2])))
+            elif msg[0] == "stop":
+                stop.set()
+
+        loop.add_reader(conn.fileno(), on_message)
+        await stop.wait()
+        loop.remove_reader(conn.fileno())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    conn.send("stopped")
+
+
+def _background_worker(conn, stack: Stack, route: str, prompts: list[list[int]], max_new: int) -> None:
+    asyncio.run(_background_main(conn, stack, route, prompts, max_new))
+
+
+def tpot_before(times: list[list[float]], t: float, last: int = 20) -> float:
+    per = []
+    for ts in times:
+        window = [x for x in ts if x <= t][-(last + 1) :]
+        if len(window) >= 2:
+            per.append((window[-1] - window[0]) / (len(window) - 1))
+    return statistics.mean(per) if per else float("nan")
+
+
+def max_gap(times: list[list[float]], t0: float, t1: float) -> float:
+    gap = 0.0
+    for ts in times:
+        for a, b in zip(ts, ts[1:], strict=False):
+            if b >= t0 and a <= t1:
+                gap = max(gap, b - a)
+    return gap
+
+
+class Background:
+    """N streams decoding on the server under test, run by a separate client process (so its chunk parsing never
+    delays the measuring client); every token's arrival is stamped on the shared monotonic clock."""
+
+    def __init__(self, stack: Stack, route: str, n: int, max_new: int, seed: int):
         rng = random.Random(seed)
-        self.prompts = [rand_ids(rng, BG_PROMPT) for _ in range(n)]
-        self.results: list[StreamResult] = []
-        self.tasks: list[asyncio.Task] = []
+        prompts = [rand_ids(rng, BG_PROMPT) for _ in range(n)]
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        urls_only = dataclasses.replace(stack, procs=[])  # Popen objects do not pickle
+        self.proc = ctx.Process(
+            target=_background_worker, args=(child, urls_only, route, prompts, max_new), daemon=True
+        )
+
+    def _ask(self, *msg):
+        self.conn.send(msg)
+        if not self.conn.poll(60):
+            raise RuntimeError("background client did not answer")
+        return self.conn.recv()
 
     async def start(self, warm_tokens: int = 20) -> None:
-        loop = asyncio.get_running_loop()
-        self.results = [StreamResult(t_send=loop.time()) for _ in range(self.n)]
-        self.tasks = [
-            asyncio.create_task(generate(self.client, self.stack, self.route, p, self.max_new, r))
-            for p, r in zip(self.prompts, self.results, strict=True)
-        ]
-        while min((len(r.times) for r in self.results), default=warm_tokens) < warm_tokens:
-            if any(t.done() and t.exception() for t in self.tasks):
-                raise RuntimeError(f"background stream failed: {[t.exception() for t in self.tasks if t.done()]}")
-            await asyncio.sleep(0.05)
+        self.proc.start()
+        deadline = time.monotonic() + 600
+        while self._ask("count") < warm_tokens:
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("background streams did not start")
+            await asyncio.sleep(0.2)
 
-    def tpot_before(self, t: float, last: int = 20) -> float:
-        per = []
-        for r in self.results:
-            ts = [x for x in r.times if x <= t][-(last + 1) :]
-            if len(ts) >= 2:
-                per.append((ts[-1] - ts[0]) / (len(ts) - 1))
-        return statistics.mean(per) if per else float("nan")
-
-    def max_gap(self, t0: float, t1: float) -> float:
-        gap = 0.0
-        for r in self.results:
-            ts = r.times
-            for a, b in zip(ts, ts[1:], strict=False):
-                if b >= t0 and a <= t1:
-                    gap = max(gap, b - a)
-        return gap
+    def query(self, t0: float, t1: float) -> tuple[float, float]:
+        return self._ask("query", t0, t1)
 
     async def stop(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.conn.send(("stop",))
+        self.conn.poll(30)
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.terminate()
 
 
 # ---- the tables ----------------------------------------------------------------------------------------------------
@@ -246,7 +322,7 @@ async def measure_rows(client, stack: Stack, table: str, rows, scale: float, see
     out: list[Row] = []
     rng = random.Random(seed)
     for n in sorted({r[0] for r in rows}):
-        bg = Background(client, stack, route, n, bg_tokens, seed + 1) if n else None
+        bg = Background(stack, route, n, bg_tokens, seed + 1) if n else None
         if bg:
             await bg.start()
         try:
@@ -262,8 +338,10 @@ async def measure_rows(client, stack: Stack, table: str, rows, scale: float, see
                     t_first = res.times[0]
                     ttfts.append((t_first - t_send) * 1e3 / scale)
                     if bg:
-                        tpots.append(bg.tpot_before(t_send) * 1e3 / scale)
-                        gaps.append(bg.max_gap(t_send, t_first) * 1e3 / scale)
+                        await asyncio.sleep(0.05 * scale)  # let the others' next tokens arrive
+                        tpot, gap = bg.query(t_send, t_first)
+                        tpots.append(tpot * 1e3 / scale)
+                        gaps.append(gap * 1e3 / scale)
                 med = statistics.median
                 measured = list(row[3:])
                 out.append(
@@ -341,7 +419,7 @@ def markdown(rows: list[Row], extra: dict, args, elapsed_s: float) -> str:
         return f"{e} / {m} ({p:+.0f}%{flag})"
 
     lines = [
-        "# Emulated H200 vs measured H200 (NOTES.md \"Seen\" tables)",
+        '# Emulated H200 vs measured H200 (NOTES.md "Seen" tables)',
         "",
         f"Command: `{' '.join(['python -m experiments.emulator_vs_gpu', *sys.argv[1:]])}`  ",
         f"time_scale {args.time_scale}, link model `{args.link}`, Llama-3-8B on H200, SGLang {SGLANG_VERSION} protocol; "

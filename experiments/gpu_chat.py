@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             t2 = one(client, model, messages, stream, args.second_turn_policy, args.max_tokens)
             doc["turns"] += [dict(t1, turn=1), dict(t2, turn=2)]
             for t in (t1, t2):
-                print(f"stream={stream} route={t['headers'].get('x-ppd-route')} usage={t['usage']} "
-                      f"ttft={t.get('ttft_ms')} e2e={t['e2e_ms']} text={t['text'][:60]!r}", flush=True)
+                print(
+                    f"stream={stream} route={t['headers'].get('x-ppd-route')} usage={t['usage']} "
+                    f"ttft={t.get('ttft_ms')} e2e={t['e2e_ms']} text={t['text'][:60]!r}",
+                    flush=True,
+                )
         except Exception as err:  # the record of what failed is the result here
             ok = False
             doc["turns"].append({"stream": stream, "error": repr(err)})

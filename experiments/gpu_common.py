@@ -179,9 +179,9 @@ async def health(client: httpx.AsyncClient, url: str) -> bool:
 
 
 async def flush_cache(client: httpx.AsyncClient, url: str) -> bool:
-    """SGLang's /flush_cache empties the radix tree (only when the server is idle)."""
+    """SGLang's /flush_cache empties the radix tree; it waits up to `timeout` s for the server to be idle."""
     try:
-        return (await client.post(f"{url}/flush_cache", timeout=30.0)).status_code == 200
+        return (await client.post(f"{url}/flush_cache", params={"timeout": 10}, timeout=30.0)).status_code == 200
     except httpx.HTTPError:
         return False
 

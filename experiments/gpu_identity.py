@@ -5,6 +5,7 @@
     # prefill on :31000 up too
     python -m experiments.gpu_identity run --paths prefill,prefill-then-decode --out .../identity_b.json
     python -m experiments.gpu_identity compare .../identity_a.json .../identity_b.json --out .../identity.json
+    # (run --paths prefill --suffix @stock against a stock decode server adds the unpatched P-route to the table)
 
 A conversation of `--turns` turns: turn 1 is `--first-tokens` random ids; turn k+1's prompt is turn k's prompt, its
 output ids and `--message-tokens` new ids (the same new ids on every path). Paths:
@@ -73,8 +74,11 @@ async def run_path(c, args: argparse.Namespace, path: str) -> list[dict[str, Any
                 "cached_tokens_details": g.details,
             }
         )
-        print(f"{path} turn {k + 1} ({route}): {len(g.output_ids)} tokens, cached {g.cached_tokens} "
-              f"(expected {expected_cached}), TTFT {turns[-1]['ttft_ms']} ms {g.error or ''}", flush=True)
+        print(
+            f"{path} turn {k + 1} ({route}): {len(g.output_ids)} tokens, cached {g.cached_tokens} "
+            f"(expected {expected_cached}), TTFT {turns[-1]['ttft_ms']} ms {g.error or ''}",
+            flush=True,
+        )
         if not g.ok:
             break
         prev = (len(prompt), len(g.output_ids))
@@ -93,7 +97,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for url in urls[path]:
                 if not await G.flush_cache(c, url):
                     print(f"warning: {url} refused /flush_cache", file=sys.stderr)
-            out["paths"][path] = await run_path(c, args, path)
+            out["paths"][path + args.suffix] = await run_path(c, args, path)
         await asyncio.sleep(args.idle_check_s)  # SGLang's idle memory check raises on a KV leak: still alive?
         out["alive_after_idle"] = {u: await G.health(c, u) for p in args.paths for u in urls[p]}
     out["versions"] = G.versions()
@@ -127,8 +131,13 @@ def compare(docs: list[dict[str, Any]], reference: str) -> dict[str, Any]:
                 r["cache_reuse_ok"] = t["cached_tokens"] == t["expected_cached_tokens"]
             r["decode_cached_tokens"] = (t.get("cached_tokens_details") or {}).get("ppd_decode_cached_tokens")
             rows.append(r)
-    return {"experiment": "gpu_identity", "reference": reference, "rows": rows, "alive_after_idle": alive,
-            "paths": paths}
+    return {
+        "experiment": "gpu_identity",
+        "reference": reference,
+        "rows": rows,
+        "alive_after_idle": alive,
+        "paths": paths,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--seed", type=int, default=6)
     r.add_argument("--idle-check-s", type=float, default=3.0)
+    r.add_argument("--suffix", default="", help="appended to the path names in the output (e.g. @stock)")
     r.add_argument("--out", required=True)
     cp = sub.add_parser("compare")
     cp.add_argument("files", nargs="+")
@@ -163,9 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     docs = [json.loads(open(f).read()) for f in args.files]
     doc = compare(docs, args.reference)
     G.write_json(args.out, doc)
-    cols = [("path", "path"), ("turn", "turn"), ("route", "route"), ("identical", "identical to ref"),
-            ("first_difference", "first diff at"), ("cache_reuse_ok", "D cache reuse ok"),
-            ("decode_cached_tokens", "decode held"), ("ttft_ms", "TTFT ms")]
+    cols = [
+        ("path", "path"),
+        ("turn", "turn"),
+        ("route", "route"),
+        ("identical", "identical to ref"),
+        ("first_difference", "first diff at"),
+        ("cache_reuse_ok", "D cache reuse ok"),
+        ("decode_cached_tokens", "decode held"),
+        ("ttft_ms", "TTFT ms"),
+    ]
     table = G.md_table(doc["rows"], cols)
     with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
         f.write(table + f"\nalive after idle: {doc['alive_after_idle']}\n")

@@ -6,7 +6,8 @@
 
 Reference routers are sglang-router 0.3.2 (`python -m sglang_router.launch_router --pd-disaggregation --prefill URL
 PORT --decode URL`, the Rust router; `--mini-lb` for its Python MiniLB), sent SGLang's native /generate with token
-ids. Ours gets the same ids as an OpenAI completion (`prompt` as a token list) with `x-ppd-policy: prefill`.
+ids. Ours gets the same ids as an OpenAI completion (`prompt` as a token list) with `x-ppd-policy: prefill`; the ids
+are drawn below the router tokenizer's vocabulary size (it refuses others), which the model's vocabulary contains.
 1. Tokens: one prompt per length through each router, greedy, ignore_eos, the servers' caches flushed before each
    (a cached prefix changes the prefill kernel's arithmetic); the reference output ids vs ours (ids from
    our `ppd` extension when it carries them, else the text decoded by the router's tokenizer, compared with the
@@ -114,16 +115,21 @@ async def run(args: argparse.Namespace) -> dict:
     tok = ChatTokenizer.load(args.tokenizer)
     refs = [(args.sglang_label, args.sglang)] + ([("mini-lb", args.mini_lb)] if args.mini_lb else [])
     rng = random.Random(args.seed)
+    hi = tok.vocab_size - 1  # our router refuses prompt ids outside its tokenizer's vocabulary
+
+    def ids_of(n: int) -> list[int]:
+        return G.random_ids(rng, n, lo=10, hi=hi)
+
     async with G.client() as c:
         model = args.model
         # warm every path once
         for _name, url in refs:
-            await via_sglang_router(c, url, G.random_ids(rng, 256), 4)
-        await via_ours(c, args.ours, model, G.random_ids(rng, 256), 4)
+            await via_sglang_router(c, url, ids_of(256), 4)
+        await via_ours(c, args.ours, model, ids_of(256), 4)
 
         identity = []
         for n in args.lengths:
-            ids = G.random_ids(rng, n)
+            ids = ids_of(n)
             await flush(c, args)
             ours = await via_ours(c, args.ours, model, ids, args.max_new_tokens)
             for name, url in refs:
@@ -151,7 +157,7 @@ async def run(args: argparse.Namespace) -> dict:
                 if rep % 2:
                     order.reverse()
                 for name, url in order:
-                    ids = G.random_ids(rng, n)  # fresh: no router gets a cache hit the other made
+                    ids = ids_of(n)  # fresh: no router gets a cache hit the other made
                     res = (
                         await via_ours(c, url, model, ids, args.max_new_tokens)
                         if name == "ours"

@@ -289,15 +289,18 @@ def _clean(x: Any) -> Any:
 
 
 def write_sweep_outputs(doc: dict[str, Any], out_dir: pathlib.Path, name: str, weight: float) -> list[pathlib.Path]:
-    from experiments.plots import sweep_plots
-
     doc["summary"] = summarize(doc["results"], weight)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(_clean(doc), indent=1))
     csv_path = out_dir / f"{name}.csv"
     write_csv(doc["results"], csv_path)
-    plots = sweep_plots(doc["results"], out_dir, name, weight)
+    try:
+        from experiments.plots import sweep_plots
+    except ImportError:  # a bare measurement machine: rebuild the plots later with `ppd sweep --report-only`
+        plots = []
+    else:
+        plots = sweep_plots(doc["results"], out_dir, name, weight)
     md_path = out_dir / f"{name}.md"
     md_path.write_text(sweep_markdown(_clean(doc), name, weight, [p.name for p in plots]))
     return [json_path, csv_path, md_path, *plots]

@@ -69,6 +69,12 @@ class SweepSettings:
     time_scale: float = 1.0
     ignore_eos: bool = True
     tokenizer: str = "builtin"
+    prompt_format: str = (
+        "ids"  # ids: token-id prompts (no tokenizing in the router's path); text: the same words as text
+    )
+
+    def prompt(self, words: WordTokens, ids: list[int]) -> list[int] | str:
+        return list(ids) if self.prompt_format == "ids" else words.text_of(ids)
 
     def extra_body(self) -> dict[str, Any]:
         return {"ignore_eos": True} if self.ignore_eos else {}
@@ -139,7 +145,7 @@ class Context:
     consumed_tokens: dict[int, int] = field(default_factory=dict)  # L -> most background tokens one measurement took
 
 
-def _body(ctx: Context, prompt: str, max_tokens: int) -> dict[str, Any]:
+def _body(ctx: Context, prompt: list[int] | str, max_tokens: int) -> dict[str, Any]:
     return {
         "model": ctx.model,
         "prompt": prompt,
@@ -188,7 +194,7 @@ async def measure(
     s = ctx.settings
     scale = s.time_scale
     rng = random.Random(f"sweep-{s.seed}-{n_streams}-{L}-{m}-{policy}-{rep}")
-    history, append = ctx.words.text(L, rng), ctx.words.text(m, rng)
+    history, append = ctx.words.token_ids(L, rng), ctx.words.token_ids(m, rng)
     conv = f"sweep-{s.seed}-{n_streams}-{L}-{m}-{policy}-{rep}-{rng.getrandbits(32):08x}"
     record: dict[str, Any] = {
         "test_case": {
@@ -207,7 +213,7 @@ async def measure(
     warm = await stream_request(
         ctx.client,
         ctx.url,
-        _body(ctx, history, 1),
+        _body(ctx, s.prompt(ctx.words, history), 1),
         {"x-ppd-policy": s.warmup_policy, "x-ppd-conversation": conv},
     )
     record["warmup"] = {
@@ -226,7 +232,7 @@ async def measure(
     res = await stream_request(
         ctx.client,
         ctx.url,
-        _body(ctx, history + append, s.max_new_tokens),
+        _body(ctx, s.prompt(ctx.words, history + append), s.max_new_tokens),
         {"x-ppd-policy": policy, "x-ppd-conversation": conv},
     )
     if not res.ok:
@@ -348,6 +354,7 @@ async def run_sweep(
                         settings.bg_output_tokens,
                         seed=settings.seed,
                         extra_body=settings.extra_body(),
+                        prompt_format=settings.prompt_format,
                         decode_urls=decode_urls,
                         time_scale=settings.time_scale,
                     )
@@ -378,4 +385,21 @@ async def run_sweep(
                 "results": sorted(store.results, key=result_key),
             }
             write_sweep_outputs(doc, out_dir, name, settings.cost_weight)
+    return doc
+
+
+def rebuild_outputs(out_dir: pathlib.Path, name: str, weight: float) -> dict[str, Any]:
+    """Rewrite JSON/CSV/plots/Markdown from what is in `out_dir` (e.g. after a run on a machine without matplotlib)."""
+    from experiments.report import write_sweep_outputs
+
+    store = ResultStore(out_dir, name)
+    store.load()
+    if not store.results:
+        raise ValueError(f"no results under {out_dir} named {name}")
+    doc: dict[str, Any] = {}
+    if store.json.exists():
+        doc = json.loads(store.json.read_text())
+    doc["results"] = sorted(store.results, key=result_key)
+    doc.setdefault("config", {})
+    write_sweep_outputs(doc, out_dir, name, weight)
     return doc

@@ -67,6 +67,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cost-weight", type=float, default=1.0, help="weight of the background streams' extra wait")
     p.add_argument("--warmup-policy", default="prefill", help="policy of the warm-up turn that caches the history")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (outputs may end early)")
+    p.add_argument(
+        "--prompt-format",
+        choices=("ids", "text"),
+        default="ids",
+        help="ids: /v1/completions with token-id prompts (default; keeps the router's tokenizer out of TTFT); "
+        "text: the same single-token words as text",
+    )
+    p.add_argument("--report-only", action="store_true", help="rebuild JSON/CSV/plots/Markdown from the output dir")
     p.add_argument("--name", default="sweep", help="file name stem of the outputs")
     p.set_defaults(func=main)
     return p
@@ -99,6 +107,7 @@ def settings_from_args(args: argparse.Namespace, time_scale: float) -> SweepSett
         warmup_policy=args.warmup_policy,
         time_scale=time_scale,
         ignore_eos=not args.no_ignore_eos,
+        prompt_format=args.prompt_format,
     )
 
 
@@ -111,9 +120,15 @@ def default_output_dir(args: argparse.Namespace, hw: S.Hardware, cfg: dict | Non
 
 
 def main(args: argparse.Namespace) -> int:
-    from experiments.sweep import run_sweep
+    from experiments.sweep import rebuild_outputs, run_sweep
 
     try:
+        if args.report_only:
+            if not args.output_dir:
+                raise ValueError("--report-only needs --output-dir")
+            rebuild_outputs(pathlib.Path(args.output_dir), args.name, args.cost_weight)
+            print(f"rebuilt {args.output_dir}/{args.name}.json (.csv, .md, *.png)")
+            return 0
         hw = S.parse_hardware(args.hardware, args.link)
         with S.open_target(args.router_url, args.config, args.set, hw, args.time_scale) as target:
             settings = settings_from_args(args, target.time_scale)

@@ -39,9 +39,16 @@ class WordTokens:
             raise ValueError("tokenizer has too few single-token words for exact-length texts")
         self._text = {i: tokenizer.decode([i]) for i in self.ids}
 
+    def token_ids(self, n_tokens: int, rng: random.Random) -> list[int]:
+        """`n_tokens` random word ids (the same draw as `text` with the same rng state)."""
+        return [rng.choice(self.ids) for _ in range(n_tokens)]
+
+    def text_of(self, ids: list[int]) -> str:
+        return "".join(self._text[i] for i in ids)
+
     def text(self, n_tokens: int, rng: random.Random) -> str:
         """A text of exactly `n_tokens` tokens (each word keeps its leading space)."""
-        return "".join(self._text[rng.choice(self.ids)] for _ in range(n_tokens))
+        return self.text_of(self.token_ids(n_tokens, rng))
 
 
 @dataclass(frozen=True)

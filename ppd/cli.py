@@ -11,8 +11,10 @@ import sys
 SUBCOMMANDS = [
     "launch.cli",  # ppd launch
     "ppd.plan_cli",  # ppd plan
+    "ppd.simulate_cli",  # ppd simulate
     "experiments.sweep_cli",  # ppd sweep
     "experiments.replay_cli",  # ppd replay
+    "experiments.load_cli",  # ppd load
 ]
 
 

@@ -126,9 +126,9 @@ class StackConfig:
             raise ValueError("mode disaggregated needs at least one prefill and one decode server")
         if self.mode == "colocated" and not self.colocated:
             raise ValueError("mode colocated needs at least one server under `colocated`")
-        for s in self.prefill:
+        for i, s in enumerate(self.prefill):
             if s.bootstrap_port is None:
-                raise ValueError(f"prefill server on port {s.port} needs bootstrap_port")
+                raise ValueError(f"prefill.{i}.bootstrap_port: required for a prefill server (port {s.port})")
 
     @property
     def servers(self) -> tuple[ServerConfig, ...]:

@@ -97,8 +97,8 @@ class KernelEfficiency:
     decode_bw_frac: float = 0.80  # weights + KV streamed by a decode step (and weights by a small prefill)
     decode_step_overhead_ms: float = 1.1  # launch/sampling/scheduler cost per decode step
     prefill_overhead_ms: float = 0.5  # per prefill forward
-    request_overhead_ms: float = 30.0  # HTTP, tokenizer manager, scheduler hops around one request
-    per_token_overhead_us: float = 1.4  # the same, per prompt token (JSON of input_ids, host-side copies)
+    request_overhead_ms: float = 21.0  # HTTP, tokenizer manager, scheduler hops around one request
+    per_token_overhead_us: float = 1.55  # the same, per prompt token (JSON of input_ids, host-side copies)
     # PD decode side: when a transferred request joins the running batch, the decode GPU stalls for a fixed cost plus
     # the KV landing in its HBM (others' max gap under the P-route); the request's own first token is not delayed.
     kv_landing_overhead_ms: float = 1.4

@@ -80,7 +80,24 @@ class ChatTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        """Text of `ids`. Ids past this tokenizer's vocabulary (a dummy-weight model samples all of its 128k) become
+        `<|id_N|>`, so a reply always has text and `remember_output` maps that text back to the exact ids."""
+        vocab = self.vocab_size
+        if all(0 <= i < vocab for i in ids):
+            return self._tok.decode(list(ids), skip_special_tokens=True)
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if 0 <= i < vocab:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._tok.decode(run, skip_special_tokens=True))
+                run = []
+            parts.append(f"<|id_{i}|>")
+        if run:
+            parts.append(self._tok.decode(run, skip_special_tokens=True))
+        return "".join(parts)
 
     def _key(self, text: str) -> str:
         return hashlib.blake2b(text.strip().encode(), digest_size=16).hexdigest()

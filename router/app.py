@@ -9,19 +9,21 @@ All state (HTTP pool, tokenizer, backends with their prefix indexes, policies, m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ppd import specs
 from ppd.config import StackConfig, resolve_path, to_dict
 from ppd.policies import policy_names
 from ppd.sglang import protocol
@@ -37,7 +39,9 @@ from router.streaming import Generation, error_from, sse_stream
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 CALIBRATION_SAVE_INTERVAL_S = 30.0
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -52,6 +56,10 @@ class RouterState:
     metrics: RouterMetrics
     timeouts: Timeouts
     started: int
+
+    @property
+    def model_vocab_size(self) -> int:
+        return specs.model(self.cfg.model.spec).vocab
 
 
 def load_tokenizer(cfg: StackConfig) -> ChatTokenizer:
@@ -117,11 +125,12 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
         if isinstance(prompt, str):
             prompt_ids = state.tokenizer.encode(prompt)
         else:
-            bad = [t for t in prompt if not 0 <= t < state.tokenizer.vocab_size]
+            vocab = max(state.tokenizer.vocab_size, state.model_vocab_size)  # the model may outnumber the tokenizer
+            bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise OpenAIError(
                     400,
-                    f"token id {bad[0]} is outside the vocabulary (size {state.tokenizer.vocab_size})",
+                    f"token id {bad[0]} is outside the vocabulary (size {vocab})",
                     param="prompt",
                     code="invalid_value",
                 )
@@ -181,6 +190,36 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
         }
 
     return app
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
+    """Await `aw`, cancelling it if the client disconnects first (the backends are then aborted on the way out).
+    Starlette only notices a disconnect while streaming a response; before that, and for non-stream answers, the
+    router must watch for it itself, or a client that gave up would keep a GPU busy for nothing."""
+    task = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _save_calibration_every(router: Router, interval_s: float) -> None:
@@ -254,13 +293,18 @@ async def _start(
     sampling = req.sampling_params(max_new)
     exclude: set[str] = set()
     for attempt in range(2):
-        plan = state.router.plan(prompt_ids, max_new, policy, conversation, exclude)
+        try:
+            plan = state.router.plan(prompt_ids, max_new, policy, conversation, exclude)
+        except OpenAIError as err:
+            if err.status in (429, 503):  # admission control: no slot, or no healthy server
+                state.metrics.requests.labels(endpoint, "none", "rejected").inc()
+            raise
         rid = uuid.uuid4().hex
         body = protocol.generate_body(prompt_ids, sampling, stream=True, rid=rid)
         call = RouteCall(state.client, plan, body, state.timeouts)
         gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0)
         try:
-            await gen.prime()
+            await until_disconnect(request, gen.prime())
             return gen
         except BaseException as exc:
             state.router.release(plan)
@@ -273,6 +317,9 @@ async def _start(
                     exclude.add(failed.name)
                     log.warning("retrying %s without %s: %s", endpoint, failed.name, exc)
                     continue
+            if isinstance(exc, ClientGone):
+                state.metrics.requests.labels(endpoint, plan.route.value, "client_disconnect").inc()
+                raise
             if isinstance(exc, Exception):
                 err = error_from(exc)
                 state.metrics.requests.labels(
@@ -290,33 +337,15 @@ async def _serve(
     incoming = request.headers.get("x-request-id", "")
     try:
         gen = await _start(state, request, endpoint, req, prompt_ids, max_new, t0)
-    except OpenAIError as err:
-        if err.status in (429, 503):
-            state.metrics.requests.labels(endpoint, "none", "rejected").inc()
-        raise
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     request_id = incoming if _REQUEST_ID.match(incoming) else gen.call.rid
     headers = _route_headers(gen.plan, request_id)
     model = state.cfg.model.served_name
     rid = gen.call.rid
 
     if req.stream:
-        created = om.now()
-        if endpoint == "chat":
-
-            def first() -> dict:
-                return om.chat_chunk(rid, model, created, {"role": "assistant", "content": ""})
-
-            def chunk(text: str | None, finish: str | None, empty: bool = False) -> dict:
-                delta = None if empty else ({"content": text} if text is not None else {})
-                return om.chat_chunk(rid, model, created, delta, finish)
-        else:
-
-            def first() -> None:
-                return None
-
-            def chunk(text: str | None, finish: str | None, empty: bool = False) -> dict:
-                return om.completion_chunk(rid, model, created, None if empty else (text or ""), finish)
-
+        first, chunk = om.stream_chunks(endpoint, rid, model)
         return StreamingResponse(
             sse_stream(gen, chunk, first, req.include_usage()),
             media_type="text/event-stream",
@@ -324,7 +353,11 @@ async def _serve(
         )
 
     try:
-        result = await gen.run()
+        result = await until_disconnect(request, gen.run())
+    except ClientGone:
+        gen.abandon()
+        state.metrics.requests.labels(endpoint, gen.plan.route.value, "client_disconnect").inc()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except Exception as exc:
         gen.abandon()
         err = error_from(exc)

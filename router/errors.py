@@ -78,14 +78,27 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None, s
     return "; ".join(parts), param, code
 
 
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+def _count_bad_request(request: Request, status: int) -> None:
+    """Refused input counts in ppd_requests_total too (429/503 are counted where they are decided)."""
+    endpoint = _ENDPOINTS.get(request.url.path)
+    state = getattr(request.app.state, "ppd", None)
+    if endpoint and state is not None and 400 <= status < 500 and status != 429:
+        state.metrics.requests.labels(endpoint, "none", "bad_request").inc()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        _count_bad_request(request, exc.status)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param, code = _validation_message(exc)
+        _count_bad_request(request, 400)
         return OpenAIError(400, message, param=param, code=code).response()
 
     @app.exception_handler(StarletteHTTPException)

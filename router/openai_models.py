@@ -37,7 +37,7 @@ class ChatMessage(BaseModel):
     def as_dict(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
-            content = [p.model_dump() for p in content]
+            content = [p.model_dump(exclude_none=True) for p in content]
         return {"role": self.role, "content": content}
 
 
@@ -200,6 +200,27 @@ def completion_response(rid: str, model: str, text: str, finish_reason: str | No
 def completion_chunk(rid: str, model: str, created: int, text: str | None, finish_reason: str | None = None) -> dict:
     choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
     return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model, "choices": choices}
+
+
+def stream_chunks(endpoint: str, rid: str, model: str):
+    """(opening chunk or None, chunk(text, finish_reason, empty=False)) for a chat or completions stream.
+    `chunk(None, reason)` closes the choice; `chunk(None, None, empty=True)` has no choices (the usage chunk)."""
+    created = now()
+    if endpoint == "chat":
+
+        def chat_first() -> dict | None:
+            return chat_chunk(rid, model, created, {"role": "assistant", "content": ""})
+
+        def chat_next(text: str | None, finish: str | None, empty: bool = False) -> dict:
+            delta = None if empty else ({"content": text} if text is not None else {})
+            return chat_chunk(rid, model, created, delta, finish)
+
+        return chat_first, chat_next
+
+    def completion_next(text: str | None, finish: str | None, empty: bool = False) -> dict:
+        return completion_chunk(rid, model, created, None if empty else (text or ""), finish)
+
+    return (lambda: None), completion_next
 
 
 def models_list(served_name: str, created: int) -> dict[str, Any]:

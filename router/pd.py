@@ -195,7 +195,7 @@ class RouteCall:
         """The prefill half's last chunk (its meta_info), once the decode half finished."""
         if self._prefill_task is None:
             return None
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):  # a slow or failed prefill report only costs us its timings
             return await asyncio.wait_for(asyncio.shield(self._prefill_task), timeout_s)
         return None
 

@@ -110,11 +110,12 @@ def _timings(meta: dict[str, Any] | None) -> dict[str, float]:
 
 def server_timings(serving: dict[str, float], prefill: dict[str, float] | None) -> dict[str, float]:
     """Backend-reported timings, flat. On the P-route the prefill server did the prefill, so its numbers win for
-    shared keys (queue_ms, prefill_ms, ...); the decode server's own are kept as `decode_server.<key>`."""
+    shared keys (queue_ms, prefill_ms, ...); the decode server's own values, where they differ, are kept as
+    `decode_server.<key>`."""
     if prefill is None:
         return dict(serving)
     out = {**serving, **prefill}
-    out.update({f"decode_server.{k}": v for k, v in serving.items()})
+    out.update({f"decode_server.{k}": v for k, v in serving.items() if k in prefill and prefill[k] != v})
     return out
 
 
@@ -199,13 +200,13 @@ class Generation:
 
     async def run(self) -> Result:
         parts = [d async for d in self.deltas()]
-        assert self.result is None
-        return self.finish("".join(parts))
+        return await self.finish("".join(parts))
 
-    def finish(self, text: str) -> Result:
+    async def finish(self, text: str) -> Result:
         """Bookkeeping once the last text is out: usage, the ppd object, indexes, policies, metrics."""
         plan, call, state = self.plan, self.call, self.state
         end = time.perf_counter()
+        await call.prefill_result(timeout_s=0.5)  # P-route: the prefill half's meta_info (done long before now)
         meta = call.last.meta_info if call.last is not None else {}
         prefill_meta = call.prefill_out.meta_info if call.prefill_out is not None else None
         if self.text.stopped:
@@ -326,7 +327,7 @@ async def sse_stream(gen: Generation, chunk_fn, first_fn, include_usage: bool) -
             async for delta in deltas:
                 parts.append(delta)
                 yield sse(chunk_fn(delta, None))
-        result = gen.finish("".join(parts))
+        result = await gen.finish("".join(parts))
         final = chunk_fn(None, result.finish_reason)
         if include_usage:
             yield sse(final)

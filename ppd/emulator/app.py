@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ppd.emulator.schemas import AbortBody, KVAux, RequestError, RoomRegistration, parse_generate
 from ppd.emulator.server import EmulatedServer
-from ppd.sglang.protocol import SSE_DONE_CHUNK, sse_chunk
+from ppd.sglang.protocol import SSE_DONE_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -169,23 +169,34 @@ def build_app(server: EmulatedServer, manage_lifecycle: bool = True) -> FastAPI:
 
 
 async def _stream(server: EmulatedServer, job):
-    """SGLang's stream: `data: {...}` chunks with cumulative output_ids, then `data: [DONE]`."""
+    """SGLang's stream: `data: {...}` chunks with cumulative output_ids, then `data: [DONE]`. The ids' JSON grows
+    by appending (a long stream would otherwise re-encode all its ids for every token); meta_info.ppd rides on the
+    first and the last chunk."""
     sent = 0
+    ids_text = bytearray()
     try:
         while True:
             await job.changed.wait()
             job.changed.clear()
             if job.quiet and not job.finished:
                 continue
-            if len(job.output_ids) > sent or job.finished:
-                sent = len(job.output_ids)
-                yield sse_chunk(server.output(job))
+            n = len(job.output_ids)
+            if n > sent or job.finished:
+                new = ",".join(str(i) for i in job.output_ids[sent:n]).encode()
+                ids_text += (b"," + new) if sent and new else new
+                meta = server.meta_info(job, with_timings=sent == 0 or job.finished)
+                sent = n
+                yield b'data: {"text":"","output_ids":[' + ids_text + b'],"meta_info":' + _dumps(meta) + b"}\n\n"
             if job.finished:
                 break
         yield SSE_DONE_CHUNK
     finally:
         if not job.finished:  # the client went away mid-stream: SGLang aborts the request
             server.engine.abort(job.rid, "client disconnected")
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def build_bootstrap_app(server: EmulatedServer) -> FastAPI:

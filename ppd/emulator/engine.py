@@ -406,21 +406,21 @@ class Engine:
     def _prefill_complete(self, job: Job, end: float) -> None:
         self.waiting.remove(job)
         job.t_prefill_end = end
-        self.cache.insert(job.prompt)  # SGLang caches the prompt as soon as it is computed
         job.prefill_done.set()
         if job.kind == "prefill":
             job.output_ids = [int(job.planned[0])]
             job.t_first_token = end
-            return  # the PD flow sends the KV, then ends the request
-        if job.max_new_tokens <= 0:
+        elif job.max_new_tokens <= 0:
             self.finish(job, finish_length(0))
-            return
-        job.output_ids = [int(job.planned[0])]
-        job.t_first_token = end
-        self._count_generated(1)
-        if not self._check_finish(job):
-            self.running.append(job)
-        job.notify()
+        else:
+            job.output_ids = [int(job.planned[0])]
+            job.t_first_token = end
+            self._count_generated(1)
+            if not self._check_finish(job):
+                self.running.append(job)
+            job.notify()
+        # SGLang caches the prompt as soon as it is computed (after the first token went out: host work)
+        self.cache.insert(job.prompt)
 
     def _check_finish(self, job: Job) -> bool:
         n = len(job.output_ids)

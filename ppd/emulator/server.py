@@ -499,7 +499,7 @@ class EmulatedServer:
             )
         return out
 
-    def output(self, job: Job) -> dict:
+    def meta_info(self, job: Job, with_timings: bool = True) -> dict:
         meta = {
             "id": job.rid,
             "finish_reason": job.finish_reason,
@@ -509,11 +509,16 @@ class EmulatedServer:
             "reasoning_tokens": 0,
             "completion_tokens": len(job.output_ids),
             "cached_tokens": job.cached_tokens,
-            "ppd": self.timings(job),
         }
+        if with_timings:
+            meta["ppd"] = self.timings(job)
         if job.t_finish is not None:
             meta["e2e_latency"] = round(job.t_finish - job.arrival, 6)
-        return {"text": "", "output_ids": list(job.output_ids), "meta_info": meta}
+        return meta
+
+    def output(self, job: Job) -> dict:
+        """The /generate response (and a stream chunk): SGLang's shape plus meta_info.ppd."""
+        return {"text": "", "output_ids": list(job.output_ids), "meta_info": self.meta_info(job)}
 
     # ---- info endpoints --------------------------------------------------------------------------------------------
     def server_info(self) -> dict:

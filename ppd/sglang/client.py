@@ -131,8 +131,10 @@ class SGLangClient:
         try:
             request = self.http.build_request("POST", f"{url}/generate", json=body)
             response = await self.http.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as err:
             raise BackendError(url, f"cannot connect: {type(err).__name__}", connect=True) from err
+        except httpx.PoolTimeout as err:  # our side is out of connections; the server is not at fault
+            raise BackendError(url, "router connection pool exhausted", status=503) from err
         except httpx.HTTPError as err:
             raise BackendError(url, f"request failed: {type(err).__name__}: {err}") from err
         try:

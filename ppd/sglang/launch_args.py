@@ -48,6 +48,7 @@ def server_argv(cfg: StackConfig, server: ServerConfig, role: Role, python: str 
     argv += ["--model-path", str(model_dir(cfg))]
     argv += ["--load-format", sg.load_format]
     argv += ["--skip-tokenizer-init"]  # the router tokenizes and sends input_ids
+    argv += ["--enable-metrics"]  # the router polls /metrics for running/queued requests (the cost model's load)
     argv += ["--attention-backend", sg.attention_backend]
     argv += ["--sampling-backend", sg.sampling_backend]
     argv += ["--mem-fraction-static", str(sg.mem_fraction_static)]

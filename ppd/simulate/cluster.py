@@ -1,17 +1,19 @@
 """The simulated cluster: N prefill + M decode servers (or K colocated ones), KV links, and the router's choices.
 
-Per request (SGLang PD + the AppendRouter, as ARCHITECTURE.md describes them):
-- the router picks a decode server (prefix affinity: the one whose cache holds most of the prompt, unless it is
-  overloaded; else the least loaded) and a prefill server (least queued prefill work counting its cache), builds a
-  `RoutingInput` from the simulated state and asks the policy (ppd.policies) for the route;
+Per request (SGLang PD + the AppendRouter, as router/routing.py and ppd/emulator do it):
+- the router picks a decode (or colocated) server by prefix affinity (longest cached prefix, then the conversation's
+  previous server, then the least loaded; servers at `max_inflight_per_backend` are skipped, and when all are, the
+  request is rejected like the router's 429) and a prefill server by least load, builds a `RoutingInput` from the
+  simulated state and asks the policy (ppd.policies) for the route;
 - host-side overhead (HTTP, tokenizer, scheduler hops; `roofline.request_overhead_s`) delays the request;
 - P-route: the decode server reserves KV for prompt + answer first (SGLang's pre-allocation; the prefill server does
   not start before it), the prefill server computes what its cache lacks, the KV moves over the link (a shared
-  resource: the prefill GPU's egress and the decode GPU's ingress, or one link for all), then the request joins the
-  decode batch;
+  resource: the prefill GPU's egress and the decode GPU's ingress, or one link for all), then the request lands in
+  the decode batch;
 - D-route / colocated: the server reserves KV, prefills the part its cache lacks (prompt + earlier answers are
   cached after each turn), emits the first token and decodes;
-- a finished request's KV goes into that server's radix cache; prefill servers cache prompts.
+- a computed prompt goes into that server's radix cache at once, the answer when the request ends (decode and
+  colocated servers; prefill servers cache prompts only).
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ class ClusterSpec:
     max_inflight_per_backend: int = 256  # router admission: a prefill server at it counts as saturated
     policy: str = "prefill"  # ppd.policies name (disaggregated mode)
     policy_params: Mapping[str, Any] = field(default_factory=dict)
-    affinity_overload: float = 2.0  # leave a conversation's server if its load > this x the least load (+4)
 
     def __post_init__(self) -> None:
         if self.colocated < 0 or self.prefill < 0 or self.decode < 0:
@@ -97,7 +98,7 @@ class ClusterSpec:
 def kv_capacity_tokens(gpu: specs.GpuSpec, model: specs.ModelSpec, mem_fraction_static: float = 0.8) -> int:
     """KV pool of one GPU: memory x mem_fraction_static minus the weights, in tokens (H200 + Llama-3-8B: ~810k;
     SGLang 0.5.10.post1 reported 788,603 on the same pair, NOTES.md)."""
-    free = gpu.hbm_gib * 2**30 * mem_fraction_static - model.params_total * model.dtype_bytes
+    free = gpu.hbm_gib * 2**30 * mem_fraction_static - model.weight_bytes  # as ppd.emulator.server
     return max(0, int(free // model.kv_bytes_per_token))
 
 
@@ -154,6 +155,7 @@ class Cluster:
             self._port_names = {s.name: s.name for s in self.prefill + self.decode}
         self._port_stats: dict[str, dict[str, float]] = {}
         self._last_route: dict[str, Route] = {}
+        self._last_server: dict[str, str] = {}
         self.requests: list[SimRequest] = []
 
     # --- running a trace ---
@@ -192,36 +194,42 @@ class Cluster:
             cid, k = tr.conversation_id, tr.turn
             req = SimRequest(tr, segs, (("c", cid, k, "o"), tr.output_tokens), env.event(), issue_s=env.now)
             self.requests.append(req)
-            yield env.process(self._serve(req))
+            yield from self._serve(req)
             prev, prev_segs, prev_done = tr, segs, env.now
             self._remaining -= 1
             if self._remaining == 0:
                 self._all_done.succeed()
 
     def _serve(self, req: SimRequest):
-        if self.colocated:
-            server = self._pick_by_affinity(self.colocated, req)
-            req.route, req.reason, req.decode_server = Route.COLOCATED.value, "colocated", server.name
-            req.decode_cached_tokens = server.pool.match(req.segs)
-            server.inflight += 1
-            yield from self._overhead(req)
-            yield from self._local(server, req)
-            server.inflight -= 1
+        cid = req.trace.conversation_id
+        serving = self.colocated or self.decode
+        d = self._pick_serving(serving, req, self._last_server.get(cid))
+        if d is None:
+            req.failed = "rejected: every server at its in-flight limit (the router's 429)"
             return
-        d = self._pick_by_affinity(self.decode, req)
-        p = self._pick_prefill(req)
+        self._last_server[cid] = d.name
+        req.decode_server = d.name
+        if self.colocated:
+            req.route, req.reason = Route.COLOCATED.value, "colocated"
+            req.decode_cached_tokens = _usable(d.pool.match(req.segs), req.prompt_tokens)
+            d.inflight += 1
+            yield from self._overhead(req)
+            yield from self._local(d, req)
+            d.inflight -= 1
+            return
+        p = self._pick_prefill()
         x = RoutingInput(
             prompt_tokens=req.prompt_tokens,
-            decode_cached_tokens=min(d.pool.match(req.segs), req.prompt_tokens),
-            prefill_cached_tokens=min(p.pool.match(req.segs), req.prompt_tokens),
+            decode_cached_tokens=_usable(d.pool.match(req.segs), req.prompt_tokens),
+            prefill_cached_tokens=_usable(p.pool.match(req.segs), req.prompt_tokens),
             max_new_tokens=req.output_tokens,
             prefill=p.load(),
             decode=d.load(),
-            previous_route=self._last_route.get(req.trace.conversation_id),
+            previous_route=self._last_route.get(cid),
         )
         decision = self.policy.decide(x)
-        self._last_route[req.trace.conversation_id] = decision.route
-        req.route, req.reason, req.decode_server = decision.route.value, decision.reason, d.name
+        self._last_route[cid] = decision.route
+        req.route, req.reason = decision.route.value, decision.reason
         req.decode_cached_tokens, req.prefill_cached_tokens = x.decode_cached_tokens, x.prefill_cached_tokens
         d.inflight += 1
         if decision.route == Route.PREFILL:
@@ -244,17 +252,19 @@ class Cluster:
     def _local(self, server: SimServer, req: SimRequest):
         """D-route or colocated: reserve KV, prefill what the cache lacks, decode, cache prompt + answer."""
         cached, path = server.pool.lock_prefix(req.segs, req.prompt_tokens - 1)
-        need = req.prompt_tokens - cached + req.output_tokens
-        granted = server.pool.reserve(need)
+        new = req.prompt_tokens - cached
+        granted = server.pool.reserve(new + req.output_tokens)
         if granted is None:
-            req.failed = f"needs {need} KV tokens, {server.name} holds {server.pool.capacity_tokens}"
+            req.failed = f"needs {new + req.output_tokens} KV tokens, {server.name} holds {server.pool.capacity_tokens}"
             server.pool.unlock(path)
             return
         yield granted
+        req.admitted_s = req.prefill_ready_s = self.env.now
         req.cached_tokens = cached
-        server.submit_prefill(req, req.prompt_tokens - cached, cached)
+        yield server.submit_prefill(req, new, cached)
+        path = server.pool.commit(req.segs, path, new)
         yield req.finished
-        server.pool.release(need, insert=req.segs + (req.out_seg,))
+        server.pool.release(req.output_tokens, insert=req.segs + (req.out_seg,))
         server.pool.unlock(path)
 
     def _p_route(self, p: SimServer, d: SimServer, req: SimRequest):
@@ -271,18 +281,21 @@ class Cluster:
             d.pool.unlock(d_path)
             return
         yield d_granted
+        req.admitted_s = env.now
         p_cached, p_path = p.pool.lock_prefix(req.segs, req.prompt_tokens - 1)
-        p_need = req.prompt_tokens - p_cached
-        p_granted = p.pool.reserve(p_need)
+        p_new = req.prompt_tokens - p_cached
+        p_granted = p.pool.reserve(p_new)
         if p_granted is None:
-            req.failed = f"needs {p_need} KV tokens, {p.name} holds {p.pool.capacity_tokens}"
+            req.failed = f"needs {p_new} KV tokens, {p.name} holds {p.pool.capacity_tokens}"
             p.pool.unlock(p_path)
             d.pool.release(d_need)
             d.pool.unlock(d_path)
             return
         yield p_granted
+        req.prefill_ready_s = env.now
         req.cached_tokens = p_cached
-        yield p.submit_prefill(req, req.prompt_tokens - p_cached, p_cached)
+        yield p.submit_prefill(req, p_new, p_cached)
+        p_path = p.pool.commit(req.segs, p_path, p_new)  # prefill servers cache the prompt as soon as it is computed
         # the KV moves over the link: hold the prefill GPU's egress, then the decode GPU's ingress
         nbytes = roofline.kv_bytes(self.model, req.prompt_tokens - d_cached)
         ports = [self._ports[p.name], self._ports[d.name]]
@@ -306,31 +319,23 @@ class Cluster:
             st["busy_s"] += dt
             st["bytes"] += nbytes
             st["transfers"] += 1
-        p.pool.release(p_need, insert=req.segs)
         p.pool.unlock(p_path)
         d.submit_join(req)
         yield req.finished
         d.pool.release(d_need, insert=req.segs + (req.out_seg,))
         d.pool.unlock(d_path)
 
-    # --- the router's choices ---
+    # --- the router's choices (router/routing.py) ---
 
-    def _pick_by_affinity(self, servers: list[SimServer], req: SimRequest) -> SimServer:
-        """The server holding most of the prompt, unless it is overloaded; else the least loaded (by inflight)."""
-        least = min(servers, key=lambda s: (s.inflight, s.name))
-        best = max(servers, key=lambda s: (s.pool.match(req.segs), -s.inflight))
-        if best.pool.match(req.segs) == 0:
-            return least
-        if best.inflight > self.spec.affinity_overload * least.inflight + 4:
-            return least
-        return best
+    def _pick_serving(self, servers: list[SimServer], req: SimRequest, previous: str | None) -> SimServer | None:
+        """Longest cached prefix, then the conversation's previous server, then the least loaded."""
+        free = [s for s in servers if s.inflight < self.spec.max_inflight_per_backend]
+        if not free:
+            return None
+        return max(free, key=lambda s: (s.pool.match(req.segs), s.name == previous, tuple(-k for k in _load_key(s))))
 
-    def _pick_prefill(self, req: SimRequest) -> SimServer:
-        """Least queued prefill work including this request's uncached part (prefix affinity for free)."""
-        return min(
-            self.prefill,
-            key=lambda s: (s.queued_prefill_tokens + req.prompt_tokens - s.pool.match(req.segs), s.name),
-        )
+    def _pick_prefill(self) -> SimServer:
+        return min(self.prefill, key=_load_key)
 
     def _observe(self, req: SimRequest, x: RoutingInput) -> None:
         observe = getattr(self.policy, "observe", None)
@@ -354,6 +359,17 @@ class Cluster:
                 server_timings=_server_timings(req),
             )
         )
+
+
+def _load_key(s: SimServer) -> tuple[int, int]:
+    """The router's least-loaded order: waiting work first, then running requests (router/backends.py)."""
+    queued = len(s.prefill_q) + len(s.join_q) + s.pool.waiting
+    return (max(s.inflight, s.n_running + queued), s.n_running)
+
+
+def _usable(matched: int, prompt_tokens: int) -> int:
+    """A server recomputes at least the last prompt token (it needs its logits)."""
+    return max(0, min(matched, prompt_tokens - 1))
 
 
 def _server_timings(req: SimRequest) -> dict[str, float]:

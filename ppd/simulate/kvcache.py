@@ -33,27 +33,53 @@ class _Node:
 
 
 class SegmentTree:
-    """Radix tree over segment chains with LRU leaf eviction (no capacity of its own: the pool bounds it)."""
+    """Radix tree over segment chains with LRU leaf eviction (no capacity of its own: the pool bounds it).
+
+    Evictable leaves sit in a lazy heap keyed by last access: entries are pushed whenever a node becomes an unlocked
+    leaf or is touched, and checked when popped, so eviction costs O(log n) per node instead of a tree walk.
+    """
 
     def __init__(self) -> None:
         self._root = _Node()
         self._clock = itertools.count(1)
+        self._seq = itertools.count()
+        self._heap: list[tuple[int, int, _Node]] = []
+        self.nodes = 0
         self.total_tokens = 0
         self.locked_tokens = 0  # tokens of nodes with lock_ref > 0 (locking a path locks every ancestor)
+
+    def _candidate(self, node: _Node) -> None:
+        if not node.children and node.lock_ref == 0 and node is not self._root and node.parent is not None:
+            heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
+            if len(self._heap) > 4 * self.nodes + 64:  # too many stale entries: rebuild
+                self._heap = [e for e in self._heap if self._valid(e)]
+                heapq.heapify(self._heap)
+
+    def _valid(self, entry: tuple[int, int, _Node]) -> bool:
+        access, _, node = entry
+        return (
+            node.parent is not None
+            and not node.children
+            and node.lock_ref == 0
+            and node.last_access == access
+            and node.parent.children.get(node.key) is node
+        )
 
     def match(self, segs: Sequence[Segment], touch: bool = False) -> tuple[int, list[_Node]]:
         """Tokens of the longest cached prefix of `segs`, and the nodes on it."""
         node, matched, path = self._root, 0, []
-        now = next(self._clock) if touch else 0
         for key, _ in segs:
             child = node.children.get(key)
             if child is None:
                 break
-            if touch:
-                child.last_access = now
             path.append(child)
             matched += child.tokens
             node = child
+        if touch and path:
+            now = next(self._clock)
+            for n in path:
+                n.last_access = now
+            self._candidate(path[-1])
         return matched, path
 
     def insert(self, segs: Sequence[Segment]) -> int:
@@ -65,9 +91,12 @@ class SegmentTree:
                 child = _Node(key, tokens, node, last_access=now)
                 node.children[key] = child
                 added += tokens
+                self.nodes += 1
             child.last_access = now
             node = child
         self.total_tokens += added
+        if node is not self._root:
+            self._candidate(node)
         return added
 
     def lock(self, path: Sequence[_Node], delta: int) -> None:
@@ -78,6 +107,7 @@ class SegmentTree:
                 self.locked_tokens += node.tokens
             elif before > 0 and node.lock_ref == 0:
                 self.locked_tokens -= node.tokens
+                self._candidate(node)
 
     @property
     def evictable_tokens(self) -> int:
@@ -85,32 +115,21 @@ class SegmentTree:
 
     def evict(self, num_tokens: int) -> int:
         """Drop least recently used unlocked leaves until `num_tokens` are freed (or nothing is left to drop)."""
-        if num_tokens <= 0:
-            return 0
-        leaves = [(n.last_access, id(n), n) for n in self._leaves() if n.lock_ref == 0]
-        heapq.heapify(leaves)
         freed = 0
-        while freed < num_tokens and leaves:
-            _, _, leaf = heapq.heappop(leaves)
-            parent = leaf.parent
-            if parent is None:
+        while freed < num_tokens and self._heap:
+            entry = heapq.heappop(self._heap)
+            if not self._valid(entry):
                 continue
+            leaf = entry[2]
+            parent = leaf.parent
             del parent.children[leaf.key]
+            leaf.parent = None
+            self.nodes -= 1
             freed += leaf.tokens
-            if parent is not self._root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+            if parent is not self._root:
+                self._candidate(parent)
         self.total_tokens -= freed
         return freed
-
-    def _leaves(self) -> list[_Node]:
-        out, stack = [], [self._root]
-        while stack:
-            node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif node is not self._root:
-                out.append(node)
-        return out
 
 
 class KvPool:
@@ -160,6 +179,19 @@ class KvPool:
     def unlock(self, path: Sequence[_Node]) -> None:
         self.tree.lock(path, -1)
         self._grant()
+
+    def commit(self, segs: Sequence[Segment], path: Sequence[_Node], private_tokens: int) -> list[_Node]:
+        """A prefill finished: its `private_tokens` of prompt KV go into the cache (a copy another request inserted
+        meanwhile is freed, as SGLang does), locked while the request runs. Returns the new locked path."""
+        self._note()
+        self.tree.insert(segs)
+        _, new_path = self.tree.match(segs)
+        self.tree.lock(new_path, +1)
+        self.tree.lock(path, -1)
+        self.active_tokens -= private_tokens
+        self._note()
+        self._grant()
+        return new_path
 
     def reserve(self, tokens: int) -> simpy.Event | None:
         """An event that fires once `tokens` of private KV are reserved (FIFO); None if they can never fit."""

@@ -26,6 +26,8 @@ class SimRequest:
     decode_cached_tokens: int = 0  # L as the router saw it
     prefill_cached_tokens: int = 0
     enqueue_s: float = math.nan  # after the host-side overhead, when it reached its server
+    admitted_s: float = math.nan  # KV reserved on the serving (decode / colocated) server
+    prefill_ready_s: float = math.nan  # P-route: KV reserved on the prefill server, queued for its GPU
     prefill_start_s: float = math.nan  # first forward that computed a token of it
     prefill_end_s: float = math.nan
     transfer_start_s: float = math.nan
@@ -64,6 +66,8 @@ class SimRequest:
             "decode_cached_tokens": self.decode_cached_tokens,
             "issue_s": self.issue_s,
             "enqueue_s": self.enqueue_s,
+            "admitted_s": self.admitted_s,
+            "prefill_ready_s": self.prefill_ready_s,
             "prefill_start_s": self.prefill_start_s,
             "prefill_end_s": self.prefill_end_s,
             "transfer_start_s": self.transfer_start_s,

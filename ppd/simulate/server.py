@@ -1,15 +1,15 @@
-"""One simulated GPU server: SGLang-style continuous batching timed by ppd.roofline.
+"""One simulated GPU server: SGLang-style continuous batching timed by ppd.roofline, as the emulator does it.
 
-The GPU runs one forward at a time, chosen at every step boundary:
-1. transferred requests (P-route) waiting to join merge into the running batch (no GPU time; their first token,
-   computed by the prefill server, is streamed now);
-2. if prefill work is queued, one prefill forward runs (prefill first, as SGLang's scheduler does): it packs queued
-   requests in order up to `chunk_size` new tokens, the last one possibly cut (chunked prefill); a request whose last
-   chunk ran emits its first token and joins the running batch (decode / colocated) or is handed back for its KV move
-   (prefill servers);
-3. otherwise one decode step advances every running request by one token.
+The GPU runs one iteration at a time, chosen at every iteration boundary in this priority (ppd/emulator/engine.py):
+1. landing: P-route requests whose KV arrived join the running batch and stream their first token (computed by the
+   prefill server); the GPU then stalls while the KV lands (roofline.kv_landing_time_s);
+2. extend: one prefill forward over the waiting requests, FIFO, up to `chunk_size` new tokens, the last one possibly
+   cut (chunked prefill), timed by roofline.extend_batch_breakdown; a request whose last chunk ran emits its first
+   token and joins the running batch (decode / colocated) or is handed back for its KV move (prefill servers);
+   a request that has not started waits while `max_running_requests` are running;
+3. decode: one step advances every running request by one token (roofline.decode_step_time_s).
 Decode steps are simulated in bursts up to the next finishing request, cut short at the next step boundary when new
-work arrives, so a long answer costs a few events instead of one per token; the times are the same as step by step.
+work arrives, so a long answer costs a few events instead of one per token; the times are those of step-by-step.
 
 Batch KV of a decode step = sum over running requests of (prompt + tokens generated so far).
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from ppd.policies import ServerLoad
-from ppd.roofline import DEFAULT_EFFICIENCY, decode_step_time_s, prefill_chunk_breakdown
+from ppd.roofline import DEFAULT_EFFICIENCY, decode_step_time_s, extend_batch_breakdown, kv_landing_time_s
 from ppd.simulate.kvcache import KvPool
 from ppd.simulate.request import SimRequest
 from ppd.specs import GpuSpec, KernelEfficiency, ModelSpec
@@ -44,6 +44,7 @@ class PrefillJob:
 class ServerStats:
     prefill_busy_s: float = 0.0
     decode_busy_s: float = 0.0
+    landing_busy_s: float = 0.0
     prefill_forwards: int = 0
     prefill_tokens: int = 0
     decode_steps: int = 0
@@ -142,7 +143,7 @@ class SimServer:
         return job.done
 
     def submit_join(self, req: SimRequest) -> None:
-        """A request whose KV has arrived: it joins the running batch at the next step boundary."""
+        """A request whose KV has arrived: it lands and joins the running batch at the next iteration boundary."""
         self.join_q.append(req)
         self._notify()
 
@@ -173,7 +174,9 @@ class SimServer:
         while True:
             if self._wake.triggered:
                 self._wake = env.event()
-            self._merge_joins()
+            if self.join_q:
+                yield from self._land()
+                continue
             batch = self._pack_prefill()
             if batch:
                 yield from self._prefill_forward(batch)
@@ -182,9 +185,15 @@ class SimServer:
             else:
                 yield self._wake
 
-    def _merge_joins(self) -> None:
-        while self.join_q and len(self._running) < self.max_running:
-            self._start_decoding(self.join_q.popleft())
+    def _land(self):
+        tokens = 0
+        while self.join_q:
+            req = self.join_q.popleft()
+            tokens += req.prompt_tokens
+            self._start_decoding(req)
+        dt = kv_landing_time_s(self.model, self.gpu, tokens, self.eff)
+        yield self.env.timeout(dt)
+        self.stats.landing_busy_s += dt
 
     def _start_decoding(self, req: SimRequest) -> None:
         """The first token is out; the rest come from decode steps."""
@@ -202,33 +211,28 @@ class SimServer:
         req.finished.succeed()
 
     def _pack_prefill(self) -> list[tuple[PrefillJob, int]]:
-        """Jobs (and how many of their tokens) for the next prefill forward, in queue order."""
-        budget = self.chunk_size if self.chunk_size > 0 else None
-        slots = self.max_running - len(self._running) - len(self.join_q)
+        """Jobs (and how many of their tokens) for the next extend forward, in queue order."""
+        budget = self.chunk_size if self.chunk_size > 0 else 1 << 62
+        active = len(self._running)
         batch = []
         for job in self.prefill_q:
-            if budget is not None and budget <= 0:
-                break
-            if self.role != "prefill" and not job.started:
-                if slots <= 0:
-                    break  # no room in the running batch for another request (SGLang's max_running_requests)
-                slots -= 1
-            n = job.remaining if budget is None else min(job.remaining, budget)
+            if not job.started and active >= self.max_running:
+                break  # no room in the running batch for another request (SGLang's max_running_requests)
+            active += 1
+            n = min(job.remaining, budget)
             batch.append((job, n))
-            if budget is None:
-                break  # no chunking: one request per forward
             budget -= n
+            if budget <= 0:
+                break
         return batch
 
     def _prefill_forward(self, batch: list[tuple[PrefillJob, int]]):
         now = self.env.now
-        dt = 0.0
-        for job, n in batch:
-            dt += prefill_chunk_breakdown(self.model, self.gpu, n, job.prefix, self.eff).total_s
+        for job, _ in batch:
             if not job.started:
                 job.started = True
                 job.req.prefill_start_s = now
-        dt -= (len(batch) - 1) * self.eff.prefill_overhead_ms / 1e3  # one forward: its fixed cost once
+        dt = extend_batch_breakdown(self.model, self.gpu, [(n, job.prefix) for job, n in batch], self.eff).total_s
         yield self.env.timeout(dt)
         self.stats.prefill_busy_s += dt
         self.stats.prefill_forwards += 1
@@ -237,8 +241,9 @@ class SimServer:
             job.remaining -= n
             self.queued_prefill_tokens -= n
             self.stats.prefill_tokens += n
-        while self.prefill_q and self.prefill_q[0].remaining <= 0:
-            job = self.prefill_q.popleft()
+        done = [job for job, _ in batch if job.remaining <= 0]
+        for job in done:
+            self.prefill_q.remove(job)
             job.req.prefill_end_s = self.env.now
             if self.role != "prefill":
                 self._start_decoding(job.req)

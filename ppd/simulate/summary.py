@@ -2,8 +2,16 @@
 
 Latency metrics come from experiments.metrics, the one definition every mode uses (bench, replay, simulate): a
 simulated request is a `RequestTiming` with its first and last token times and its token count.
-Goodput = requests meeting both SLOs per second of the run (issue of the first request to the last completion, or to
-the drain limit when some never finished), as a replay against a real stack measures it.
+Goodput = requests meeting both SLOs per second of the run (time 0 of the trace to the last completion, or to the
+drain limit when some never finished), as a replay against a real stack measures it. Requests that were rejected,
+did not fit or never finished count as misses.
+
+`ttft_breakdown_ms` splits the mean TTFT into where the time went, and `bottleneck` names the largest part (or TPOT):
+- admission: waiting for KV memory on the decode / colocated server (decode side full),
+- prefill_queue: waiting for the prefill GPU (P-route: the prefill server; D-route / colocated: the serving GPU busy
+  with other prefills and the decode step under way),
+- prefill: the prefill forwards themselves, link: waiting for and moving the KV, landing: waiting to join the decode
+  batch, overhead: host-side request overhead.
 """
 
 from __future__ import annotations
@@ -31,6 +39,43 @@ def _role_mean(items: list[float]) -> float:
     return sum(items) / len(items) if items else 0.0
 
 
+def _mean_ms(values: Iterable[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return 1e3 * sum(vals) / len(vals) if vals else 0.0
+
+
+def ttft_breakdown_ms(done: list[SimRequest]) -> dict[str, float]:
+    p = [r for r in done if r.route == "prefill"]
+    local = [r for r in done if r.route != "prefill"]
+    n = max(1, len(done))
+
+    def part(rs: list[SimRequest], f) -> float:  # mean over all requests (0 for those without this stage)
+        return _mean_ms(f(r) for r in rs) * len(rs) / n
+
+    return {
+        "overhead": _mean_ms(r.enqueue_s - r.issue_s for r in done),
+        "admission": part(done, lambda r: r.admitted_s - r.enqueue_s),
+        "prefill_queue": part(p, lambda r: r.prefill_start_s - r.admitted_s)
+        + part(local, lambda r: r.prefill_start_s - r.admitted_s),
+        "prefill": _mean_ms(r.prefill_end_s - r.prefill_start_s for r in done),
+        "link": part(p, lambda r: r.transfer_end_s - r.prefill_end_s),
+        "landing": part(p, lambda r: r.first_token_s - r.transfer_end_s),
+    }
+
+
+def bottleneck(summary: dict[str, Any]) -> str:
+    """What fails first: 'tpot' when more requests miss the TPOT SLO than the TTFT SLO, else the largest waiting part
+    of TTFT (admission, prefill_queue, link, landing), or 'none' when (almost) everything meets the SLO."""
+    if summary["slo_attainment"] >= 0.99:
+        return "none"
+    if summary["tpot_miss_frac"] > summary["ttft_miss_frac"]:
+        return "tpot"
+    parts = {
+        k: v for k, v in summary["ttft_breakdown_ms"].items() if k in ("admission", "prefill_queue", "link", "landing")
+    }
+    return max(parts, key=parts.get) if any(parts.values()) else "prefill"
+
+
 def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]:
     spec = result.spec
     reqs = result.requests
@@ -47,7 +92,7 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
     by_role: dict[str, dict[str, list[float]]] = {}
     for s in result.servers:
         kv = s.pool.stats(end)
-        busy = (s.stats.prefill_busy_s + s.stats.decode_busy_s) / end
+        busy = (s.stats.prefill_busy_s + s.stats.decode_busy_s + s.stats.landing_busy_s) / end
         servers[s.name] = {
             "role": s.role,
             "busy_frac": busy,
@@ -58,15 +103,19 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
             "max_batch": s.stats.max_batch,
             "kv": kv,
         }
-        role = by_role.setdefault(s.role, {"busy": [], "peak": [], "mean": []})
+        role = by_role.setdefault(s.role, {"busy": [], "peak": [], "mean": [], "peak_active": [], "mean_active": []})
         role["busy"].append(busy)
+        cap = kv["capacity_tokens"] or 1
+        role["peak_active"].append(kv["peak_active_tokens"] / cap)
+        role["mean_active"].append(kv["mean_active_tokens"] / cap)
         role["peak"].append(kv["peak_used_frac"])
         role["mean"].append(kv["mean_used_tokens"] / kv["capacity_tokens"] if kv["capacity_tokens"] else 0.0)
 
     ports = {name: {**st, "util": st["busy_s"] / end} for name, st in result.ports.items()}
     total_bytes = sum(r.kv_bytes for r in reqs)
     n_good = sum(good)
-    return {
+    n = max(1, len(reqs))
+    out = {
         "ratio": spec.ratio,
         "mode": spec.mode,
         "policy": result.policy_name if spec.mode == "disaggregated" else "colocated",
@@ -84,6 +133,8 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
         "slo_attainment": n_good / len(reqs) if reqs else math.nan,
         "throughput_rps": len(done) / end,
         "output_tokens_per_s": sum(r.output_tokens for r in done) / end,
+        "ttft_miss_frac": sum(1 for m in metrics if math.isnan(m.ttft_ms) or m.ttft_ms > slo.ttft_ms) / n,
+        "tpot_miss_frac": sum(1 for m in metrics if not math.isnan(m.tpot_ms) and m.tpot_ms > slo.tpot_ms) / n,
         "ttft_ms": {k: v for k, v in describe(m.ttft_ms for m in metrics).items() if k != "p95"},
         "tpot_ms": {k: v for k, v in describe(m.tpot_ms for m in metrics).items() if k != "p95"},
         "e2e_ms": {k: v for k, v in describe(m.e2e_ms for m in metrics).items() if k != "p95"},
@@ -91,10 +142,13 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
         "queue_ms": _ms(r.prefill_start_s - r.enqueue_s for r in done),
         "transfer_wait_ms": _ms(r.transfer_start_s - r.prefill_end_s for r in p_route),
         "join_wait_ms": _ms(r.first_token_s - r.transfer_end_s for r in p_route),
+        "ttft_breakdown_ms": ttft_breakdown_ms(done),
         "routes": routes,
         "cache_hit_frac": sum(r.cached_tokens for r in done) / max(1, sum(r.prompt_tokens for r in done)),
         "kv": {
             role: {
+                "peak_active_frac_max": max(v["peak_active"]),
+                "mean_active_frac": _role_mean(v["mean_active"]),
                 "peak_used_frac_max": max(v["peak"]),
                 "mean_used_frac": _role_mean(v["mean"]),
             }
@@ -111,3 +165,5 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
         },
         "servers": servers,
     }
+    out["bottleneck"] = bottleneck(out)
+    return out

@@ -37,9 +37,16 @@ class WorkloadSource:
             return Slo(self.spec.slo_ttft_ms, self.spec.slo_tpot_ms)
         return Slo(1000.0, 50.0)
 
-    def at(self, rate: float | None = None) -> list[TraceRequest]:
+    def at(
+        self, rate: float | None = None, max_requests: int | None = None, min_duration_s: float = 30.0
+    ) -> list[TraceRequest]:
+        """The trace at `rate`; `max_requests` shortens a generated workload to about that many requests (but at
+        least `min_duration_s` of arrivals), which keeps rate searches at high rates affordable."""
         if self.spec is not None:
-            return generate(self.spec, rate, self.duration_s, self.seed)
+            duration = self.duration_s
+            if max_requests is not None and rate:
+                duration = min(duration, max(min_duration_s, max_requests / rate))
+            return generate(self.spec, rate, duration, self.seed)
         if rate is None:
             return list(self.trace)
         return scale_time(self.trace, self.default_rate / rate)
@@ -78,9 +85,16 @@ def ratio_specs(gpus: int, base: ClusterSpec, include_colocated: bool = True) ->
 
 
 def run_point(
-    source: WorkloadSource, spec: ClusterSpec, slo: Slo, rate: float | None = None, drain_s: float = 120.0
+    source: WorkloadSource,
+    spec: ClusterSpec,
+    slo: Slo,
+    rate: float | None = None,
+    drain_s: float = 120.0,
+    max_requests: int | None = None,
+    min_duration_s: float = 30.0,
 ) -> dict[str, Any]:
-    summary = summarize(simulate(source.at(rate), spec, drain_s), slo, source.name)
+    trace = source.at(rate, max_requests, min_duration_s)
+    summary = summarize(simulate(trace, spec, drain_s), slo, source.name)
     summary["rate"] = rate if rate is not None else source.default_rate
     return summary
 
@@ -94,16 +108,19 @@ def max_rate(
     rel_tol: float = 0.03,
     max_rate_rps: float = 2000.0,
     drain_s: float = 60.0,
+    search_requests: int | None = 4000,
+    min_duration_s: float = 30.0,
     on_point: Callable[[float, dict[str, Any]], None] | None = None,
 ) -> tuple[float, dict[str, Any] | None, dict[str, Any] | None]:
     """Highest request rate at which >= `attainment` of requests meet the SLO (bisection on the rate).
 
     Returns (rate, summary at that rate, summary at the first failing rate above it). Rate 0 and no summary when
-    even the lowest tried rate fails.
+    even the lowest tried rate fails. Each point simulates about `search_requests` requests of a generated workload
+    (None: the source's full duration), over at least `min_duration_s` of arrivals.
     """
 
     def ok(rate: float) -> tuple[bool, dict[str, Any]]:
-        s = run_point(source, spec, slo, rate, drain_s)
+        s = run_point(source, spec, slo, rate, drain_s, search_requests, min_duration_s)
         if on_point is not None:
             on_point(rate, s)
         return s["slo_attainment"] >= attainment, s

@@ -181,7 +181,14 @@ P_URL, P2_URL, D_URL, D2_URL = (
 )
 
 
-def make_config(policy: str = "decode", prefill: int = 1, decode: int = 1, colocated: int = 0, **router: Any):
+def make_config(
+    policy: str = "decode",
+    prefill: int = 1,
+    decode: int = 1,
+    colocated: int = 0,
+    context_length: int = 4096,
+    **router: Any,
+):
     """A StackConfig pointing at the fake servers (fast polls so health is known within milliseconds)."""
     p_urls, d_urls = [P_URL, P2_URL][:prefill], [D_URL, D2_URL][:decode]
 
@@ -194,7 +201,7 @@ def make_config(policy: str = "decode", prefill: int = 1, decode: int = 1, coloc
 
     data: dict[str, Any] = {
         "router": {"policy": policy, "health_interval_s": 0.05, "metrics_poll_interval_s": 0.05, **router},
-        "model": {"context_length": 4096},
+        "model": {"context_length": context_length},
     }
     if colocated:
         data["mode"] = "colocated"

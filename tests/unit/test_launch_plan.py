@@ -18,6 +18,7 @@ SGLANG_COMMON = [
     "--model-path", MODEL_DIR,
     "--load-format", "dummy",
     "--skip-tokenizer-init",
+    "--enable-metrics",
     "--attention-backend", "triton",
     "--sampling-backend", "pytorch",
     "--mem-fraction-static", "0.8",

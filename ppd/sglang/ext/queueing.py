@@ -40,7 +40,7 @@ def reset_tree_state(req: Any, tree_cache: Any) -> None:
     import torch
 
     req.prefix_indices = torch.empty((0,), dtype=torch.int64)
-    req.last_node = tree_cache.root_node
+    req.last_node = getattr(tree_cache, "root_node", None)  # None: the chunk cache (--disable-radix-cache kept)
     req.cache_protected_len = 0
 
 
