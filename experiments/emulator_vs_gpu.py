@@ -21,9 +21,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import multiprocessing
-import os
 import pathlib
 import platform
 import random
@@ -474,6 +474,22 @@ def markdown(rows: list[Row], extra: dict, args, elapsed_s: float) -> str:
         if pct(e, m) is not None and abs(pct(e, m)) > 15
     ]
     lines += ["## Cells more than 15 % off", "", *(f"- {x}" for x in off or ["none"]), ""]
+    link = specs.link(args.link)
+    move_ms = link.latency_ms + specs.model("llama-3-8b").kv_bytes_per_token * 16400 / link.bytes_per_s * 1e3
+    lines += [
+        "## Reading",
+        "",
+        f"- The P-route TTFT includes the link model's KV move: `{link.name}` ({link.gbytes_per_s} GB/s + "
+        f"{link.latency_ms} ms) gives {move_ms:.1f} ms for L+m = 16400 tokens (2.15 GB); on the GPUs the P-route was "
+        "only 2-4 ms slower than the D-route at L=16384, m=16, so the NVLink class is pessimistic for small appends "
+        "over long prefixes.",
+        "- The measured P-route 'others' max gap' is not monotonic in the KV size (15 ms for 16400 tokens, 30 ms for "
+        "16640, 11 ms for 6144, 23 ms for 8704); the emulator models it as one decode step plus a KV-landing stall "
+        "(`kv_landing_overhead_ms` + KV bytes / (`kv_landing_bw_frac` x HBM bandwidth)), fitted in least squares; "
+        "no smooth function of the KV size fits every row within 15 %.",
+        "- Emulated times are wall times / time_scale on a shared 2-core machine: other processes add a few ms of noise.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -502,7 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/emulator-vs-h200")
     args = parser.parse_args(argv)
-    os.environ.setdefault("GLOG_minloglevel", "2")
     t0 = time.time()
     rows, extra = asyncio.run(run(args))
     extra["mooncake_loopback"] = mooncake_loopback_gbps()
@@ -518,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": asdict(specs.gpu("h200")),
         "model": asdict(specs.model("llama-3-8b")),
         "kernel_efficiency": asdict(specs.KernelEfficiency()),
+        "versions": {
+            "python": platform.python_version(),
+            **{pkg: importlib.metadata.version(pkg) for pkg in ("numpy", "httpx", "fastapi", "uvicorn")},
+            "mooncake-transfer-engine-non-cuda": importlib.metadata.version("mooncake-transfer-engine-non-cuda"),
+        },
         "rows": [asdict(r) for r in rows],
         **extra,
     }

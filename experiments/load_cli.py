@@ -19,6 +19,7 @@ import sys
 
 from experiments import load as L
 from experiments import stack as S
+from launch.supervisor import LaunchError
 from ppd.config import REPO_ROOT
 
 DEFAULT_OUTPUT = REPO_ROOT / "results" / "load"
@@ -87,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
                 config=target.config,
                 samples=load + (over or []),
             )
-    except ValueError as err:
+    except (ValueError, LaunchError) as err:
         print(f"ppd load: {err}", file=sys.stderr)
         return 2
     out = write(report, _name(args), pathlib.Path(args.output_dir))

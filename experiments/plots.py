@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap, TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from experiments.report import FORCED, ordered, point_means  # noqa: E402
 
@@ -30,22 +31,33 @@ def _axes(n: int, width: float = 5.0, height: float = 4.0, rows: int = 1):
 
 
 def ttft_vs_cache_rate(pm: dict, path: pathlib.Path, weight: float) -> pathlib.Path:
+    """One panel per (load level, L): TTFT against r = L/(L+m) as m varies, a line per policy."""
     levels = _levels(pm)
-    fig, axes = _axes(len(levels))
-    for ax, n in zip(axes[0], levels, strict=True):
-        pts = {k: v for k, v in pm.items() if k[0] == n}
-        for p in ordered({p for v in pts.values() for p in v}):
-            xs = sorted((k[1] / (k[1] + k[2]), v[p]["ttft"]) for k, v in pts.items() if p in v)
-            ax.scatter([x for x, _ in xs], [y for _, y in xs], s=14, label=p, color=COLORS.get(p), alpha=0.75)
-        ax.set_xscale("logit")
-        ax.set_yscale("log")
-        ax.set_xlabel("cache rate r = L/(L+m)")
-        ax.set_ylabel("append TTFT (emulated ms)")
-        ax.set_title(f"TTFT vs cache rate, N={n} background streams")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    ls = sorted({k[1] for k in pm})
+    fig, axes = plt.subplots(
+        len(levels), len(ls), figsize=(3.2 * len(ls), 2.8 * len(levels)), squeeze=False, sharey=True
+    )
+    for i, n in enumerate(levels):
+        for j, L in enumerate(ls):
+            ax = axes[i][j]
+            pts = {k: v for k, v in pm.items() if k[0] == n and k[1] == L}
+            for p in ordered({p for v in pts.values() for p in v}):
+                xs = sorted((k[1] / (k[1] + k[2]), v[p]["ttft"]) for k, v in pts.items() if p in v)
+                ax.plot([x for x, _ in xs], [y for _, y in xs], marker="o", ms=3, lw=1, label=p, color=COLORS.get(p))
+            ax.set_xscale("logit")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(f"N={n}, L={L}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            if i == len(levels) - 1:
+                ax.set_xlabel("cache rate r = L/(L+m)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("append TTFT (emulated ms)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Append TTFT vs cache rate per policy (m varies along each line)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

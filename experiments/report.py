@@ -237,8 +237,11 @@ def sweep_markdown(doc: dict[str, Any], name: str, weight: float, plots: Sequenc
         f"- run: {doc.get('start_time')} .. {doc.get('end_time')}; {s['ok_tests']} measurements ok, "
         f"{s['failed_tests']} failed",
     ]
-    if cfg.get("command"):
-        lines.append(f"- command: `{cfg['command']}`")
+    runs = cfg.get("runs") or ([{"command": cfg["command"]}] if cfg.get("command") else [])
+    for k, run in enumerate(runs):
+        label = "command" if len(runs) == 1 else f"command {k + 1}/{len(runs)}"
+        extra = f" ({run['measurements']} measurements)" if run.get("measurements") is not None else ""
+        lines.append(f"- {label}: `{run['command']}`{extra}")
     st = cfg.get("settings", {})
     if st:
         lines.append(
@@ -249,17 +252,23 @@ def sweep_markdown(doc: dict[str, Any], name: str, weight: float, plots: Sequenc
                 else ""
             )
         )
+        levels = sorted(int(n) for n in s.get("by_background", {})) or st.get("background_streams")
+        scales = sorted({r["time_scale"] for r in doc["results"] if r.get("time_scale")}) or [st.get("time_scale")]
         lines.append(
             f"- max_new_tokens {st.get('max_new_tokens')}, repetitions {st.get('repetitions')}, seed {st.get('seed')}, "
-            f"background streams {st.get('background_streams')} ({st.get('bg_prompt_tokens')} prompt / "
-            f"{st.get('bg_output_tokens')} output tokens), time_scale {st.get('time_scale')} (times are emulated ms = "
-            "wall ms / time_scale)"
+            f"background streams {levels} ({st.get('bg_prompt_tokens')} prompt / "
+            f"{st.get('bg_output_tokens')} output tokens), time_scale {', '.join(f'{x:g}' for x in scales)} "
+            "(times are emulated ms = wall ms / time_scale)"
         )
     if cfg.get("hardware"):
         lines.append(f"- hardware: {cfg['hardware']}")
     lines += ["", "## Oracle regret"]
+    idle_only = all(set(t) <= {"0"} for t in s["regret"].values())
     for key, table in s["regret"].items():
         w = float(key.split("_", 1)[1])
+        if idle_only and w != weight:
+            lines += ["", "(No background streams: the cost is the append TTFT whatever the weight.)"]
+            continue
         lines += ["", f"### weight {w:g}", ""] + regret_markdown(table, w)
     lines += ["", "## TTFT by cache-rate band (all load levels)", ""]
     lines += [
@@ -292,7 +301,9 @@ def write_sweep_outputs(doc: dict[str, Any], out_dir: pathlib.Path, name: str, w
     doc["summary"] = summarize(doc["results"], weight)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(_clean(doc), indent=1))
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(doc), indent=1))
+    tmp.replace(json_path)  # atomic: the JSON is also the resume point
     csv_path = out_dir / f"{name}.csv"
     write_csv(doc["results"], csv_path)
     try:

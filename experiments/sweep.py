@@ -206,6 +206,7 @@ async def measure(
         "policy": policy,
         "repetition": rep,
         "ok": False,
+        "time_scale": scale,
     }
     if pool is not None:
         await pool.ensure(int(1.5 * ctx.consumed_tokens.get(L, 128)) + s.max_new_tokens + s.bg_before_tokens + 16)
@@ -286,6 +287,17 @@ async def measure(
 # --- the run ---
 
 
+def _run_entry(config: dict[str, Any]) -> dict[str, Any]:
+    st = config.get("settings") or {}
+    return {
+        "command": config.get("command"),
+        "time_scale": st.get("time_scale"),
+        "background_streams": st.get("background_streams"),
+        "policies_measured": config.get("policies_measured"),
+        "stack_overrides": config.get("stack_overrides"),
+    }
+
+
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
@@ -335,6 +347,13 @@ async def run_sweep(
             "host": platform.node(),
             "resumed_from": len(done),
         }
+        # every invocation that added to this output (a resumed or extended run keeps the earlier ones)
+        prev = store.previous_config or {}
+        runs = list(prev.get("runs") or ([_run_entry(prev)] if prev.get("command") else []))
+        this_run = _run_entry(config)
+        this_run["start_time"] = datetime.datetime.now().isoformat(timespec="seconds")
+        this_run["measurements"] = len(todo)
+        config["runs"] = runs + [this_run]
         echo(f"{len(todo)} measurements to run ({len(done)} already in {store.jsonl})")
         bar = tqdm(total=len(todo), disable=not progress, unit="req", dynamic_ncols=True)
         try:
@@ -385,6 +404,7 @@ async def run_sweep(
                 "results": sorted(store.results, key=result_key),
             }
             write_sweep_outputs(doc, out_dir, name, settings.cost_weight)
+            store.jsonl.unlink(missing_ok=True)  # everything is in the JSON now (the next run resumes from it)
     return doc
 
 

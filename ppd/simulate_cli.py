@@ -68,7 +68,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     h.add_argument("--model", default=None, help="model spec (ppd.specs.MODELS; default llama-3-8b)")
     h.add_argument("--link", default=None, help="KV link class (ppd.specs.LINKS; default nvlink)")
     h.add_argument("--link-gbps", type=float, default=None, help="override the link's GB/s")
-    h.add_argument("--link-sharing", choices=("per-gpu", "shared"), default=None, help="default per-gpu")
+    h.add_argument(
+        "--link-sharing",
+        choices=("per-gpu", "shared", "none"),
+        default=None,
+        help="KV moves queue per GPU port (default), on one cluster link, or not at all (as the emulator)",
+    )
     h.add_argument("--chunk-size", type=int, default=None, help="chunked prefill size (default 8192)")
     h.add_argument("--max-running-requests", type=int, default=None, help="per server (default 256)")
     h.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV pool per GPU (default from memory)")

@@ -101,8 +101,8 @@ class KernelEfficiency:
     per_token_overhead_us: float = 1.55  # the same, per prompt token (JSON of input_ids, host-side copies)
     # PD decode side: when a transferred request joins the running batch, the decode GPU stalls for a fixed cost plus
     # the KV landing in its HBM (others' max gap under the P-route); the request's own first token is not delayed.
-    kv_landing_overhead_ms: float = 1.4
-    kv_landing_bw_frac: float = 0.035
+    kv_landing_overhead_ms: float = 0.5
+    kv_landing_bw_frac: float = 0.04
 
 
 GPUS: dict[str, GpuSpec] = {

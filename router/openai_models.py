@@ -8,14 +8,28 @@ SGLang/vLLM extensions passed through to the backend.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from router.errors import OpenAIError
 
 DEFAULT_CHAT_MAX_TOKENS = 512  # when a chat request names no max_tokens (capped by what the context has left)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _encodable(text: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800") that no UTF-8 string, and no tokenizer, can hold: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"not valid Unicode: lone surrogate U+{ord(text[err.start]):04X} at position {err.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # text the router tokenizes or matches
 
 
 class StreamOptions(BaseModel):
@@ -26,13 +40,13 @@ class StreamOptions(BaseModel):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str = "text"
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         content = self.content
@@ -50,7 +64,7 @@ class _SamplingFields(BaseModel):
     n: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -104,7 +118,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     # A string, or token ids; a batch (list of strings / list of id lists) must hold exactly one prompt.
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None

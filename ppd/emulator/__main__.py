@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(serve(server, args.log_level, ready=lambda: print(ready_line(server), flush=True)))
-    except SystemExit as err:
-        print(err, file=sys.stderr)
+    except SystemExit as err:  # uvicorn exits when it cannot bind (the reason is logged just above)
+        s = server.server
+        print(f"ppd.emulator: could not serve on {s.host}:{s.port} ({err})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

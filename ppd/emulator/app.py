@@ -90,11 +90,9 @@ def build_app(server: EmulatedServer, manage_lifecycle: bool = True) -> FastAPI:
             return error_response(400, str(err))
         if req.stream:
             return StreamingResponse(_stream(server, job), media_type="text/event-stream")
-        try:
-            await job.done.wait()
-        except asyncio.CancelledError:  # client went away
+        if not await _wait_or_disconnect(job, request):  # like SGLang: a client that left aborts its request
             server.engine.abort(job.rid, "client disconnected")
-            raise
+            return Response(status_code=499)
         reason = job.finish_reason or {}
         if reason.get("type") == "abort" and reason.get("status_code") in (400, 500, 503):
             return error_response(int(reason["status_code"]), reason.get("message", "aborted"))
@@ -166,6 +164,22 @@ def build_app(server: EmulatedServer, manage_lifecycle: bool = True) -> FastAPI:
         return Response(status_code=200)
 
     return app
+
+
+async def _wait_or_disconnect(job, request: Request, poll_s: float = 0.5) -> bool:
+    """Wait for the job to end; False if the client disconnected first."""
+    waiter = asyncio.ensure_future(job.done.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=poll_s)
+            if done:
+                return True
+            if await request.is_disconnected():
+                return False
+    except asyncio.CancelledError:
+        return False
+    finally:
+        waiter.cancel()
 
 
 async def _stream(server: EmulatedServer, job):

@@ -101,10 +101,11 @@ class Proc:
 
 def start_servers(cfg: dict, roles, tmp: pathlib.Path, env: dict | None = None, timeout_s: float = 60) -> dict:
     """`python -m ppd.emulator` for each role of `cfg` (written to tmp); waits for each ready line."""
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "stack.yaml"
     path.write_text(yaml.safe_dump(cfg))
     procs: dict[str, Proc] = {}
-    full_env = {**os.environ, "GLOG_minloglevel": "2", **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     for role in roles:
         log = tmp / f"{role}.log"
         popen = subprocess.Popen(

@@ -31,7 +31,7 @@ from ppd.policies.base import Observation
 from ppd.simulate.kvcache import Segment
 from ppd.simulate.request import SimRequest
 from ppd.simulate.server import SimServer
-from ppd.simulate.trace import TraceRequest, conversations
+from ppd.simulate.trace import TraceRequest, arrival_window_s, conversations
 from ppd.specs import KernelEfficiency
 
 
@@ -48,7 +48,9 @@ class ClusterSpec:
     decode_gpu: str | None = None
     link: str = "nvlink"  # ppd.specs.LINKS
     link_gbytes_per_s: float | None = None  # override of the link's bandwidth
-    link_sharing: Literal["per-gpu", "shared"] = "per-gpu"  # per-gpu: each GPU's port carries one move at a time
+    # per-gpu: each GPU's port carries one move at a time; shared: one move at a time in the whole cluster;
+    # none: moves never wait for each other (what the emulator models: each move takes its own link time)
+    link_sharing: Literal["per-gpu", "shared", "none"] = "per-gpu"
     chunk_size: int = 8192  # chunked prefill: new tokens per forward
     max_running_requests: int = 256
     kv_capacity_tokens: int = 0  # 0 = from GPU memory x mem_fraction_static minus weights
@@ -111,6 +113,7 @@ class SimResult:
     end_s: float  # simulated time at the end (last completion, or the drain limit)
     horizon_s: float  # the drain limit
     policy_name: str
+    window_s: float  # seconds over which the trace's conversations start (goodput's denominator)
 
 
 class Cluster:
@@ -179,6 +182,7 @@ class Cluster:
             self.env.now,
             horizon,
             getattr(self.policy, "name", self.spec.policy),
+            arrival_window_s(trace) or self.env.now,
         )
 
     def _conversation(self, turns: Sequence[TraceRequest]):
@@ -302,6 +306,8 @@ class Cluster:
         names = [self._port_names[p.name], self._port_names[d.name]]
         if ports[0] is ports[1]:
             ports, names = ports[:1], names[:1]
+        if self.spec.link_sharing == "none":
+            ports = []
         held = []
         for port in ports:
             r = port.request()

@@ -26,6 +26,11 @@ from ppd.simulate.sweep import WorkloadSource, as_source, max_rate, ratio_specs,
 from ppd.simulate.trace import TraceRequest
 from ppd.simulate.workload import WorkloadSpec
 
+_COLOCATED_WORDS = {
+    "prefill_queue": "GPU-bound (requests wait behind other prefills and decode steps on their GPU)",
+    "admission": "memory-bound (requests wait for KV memory)",
+    "tpot": "interference-bound (TPOT: decode steps stalled by prefills, or batches too large)",
+}
 _BOUND_WORDS = {
     "prefill_queue": "prefill-bound (requests wait for a prefill GPU)",
     "admission": "decode-bound (requests wait for KV memory on the decode side)",
@@ -183,7 +188,7 @@ def recommend_ratio(
             best_i = results.index(best)
             best = results[best_i] = replace(best, max_rate_rps=r, over=over)
 
-    reasoning = _reasoning(source, slo, rate, best, results, gpus)
+    reasoning = _reasoning(source, slo, rate, best, results, gpus, rel_tol)
     return Recommendation(
         workload=source.name,
         workload_description=source.describe(),
@@ -214,6 +219,7 @@ def _reasoning(
     best: RatioResult,
     results: list[RatioResult],
     gpus: int,
+    rel_tol: float,
 ) -> list[str]:
     lines = [f"workload {source.describe()}"]
     lines.append(f"SLO: TTFT <= {slo.ttft_ms:g} ms and TPOT <= {slo.tpot_ms:g} ms; {gpus} GPUs")
@@ -229,12 +235,25 @@ def _reasoning(
     if best.max_rate_rps is not None:
         why += f" (sustains {best.max_rate_rps:.2f} req/s)"
     lines.append(why)
+    if rate is None and best.max_rate_rps:
+        close = [
+            c.ratio
+            for c in results
+            if c is not best and (c.max_rate_rps or 0.0) >= (1 - 2 * rel_tol) * best.max_rate_rps
+        ]
+        if close:
+            lines.append(
+                f"{', '.join(close)} {'is' if len(close) == 1 else 'are'} within {2 * rel_tol:.0%} of it (the rate search's "
+                "resolution and the workload's noise): the split matters little here, so choose among these on other "
+                "grounds (fewer moving parts favour colocated; headroom for longer prompts favours more prefill GPUs)"
+            )
     if best.over is not None:
         o = best.over
-        bd = o["ttft_breakdown_ms"]
+        bd = o["ttft_breakdown_missed_ms"] if o["ttft_miss_frac"] > 0 else o["ttft_breakdown_ms"]
+        who = "of the requests missing TTFT" if o["ttft_miss_frac"] > 0 else "of all requests"
         lines.append(
-            f"past that rate it is {_BOUND_WORDS.get(o['bottleneck'], o['bottleneck'])}: "
-            f"{o['ttft_miss_frac']:.0%} miss TTFT, {o['tpot_miss_frac']:.0%} miss TPOT; mean TTFT "
+            f"past that rate it is {_words(best.spec, o['bottleneck'])}: "
+            f"{o['ttft_miss_frac']:.0%} miss TTFT, {o['tpot_miss_frac']:.0%} miss TPOT; mean TTFT {who}: "
             + ", ".join(f"{k} {v:.0f} ms" for k, v in bd.items() if v >= 0.5)
         )
     # neighbours: one GPU moved from decode to prefill, or back
@@ -261,7 +280,9 @@ def _reasoning(
     if summ is not None:
         kv = summ["kv"]
         kv_text = ", ".join(f"{role} peak {v['peak_active_frac_max']:.0%}" for role, v in kv.items())
-        lines.append(f"KV memory in use by requests ({'past the limit' if best.over else 'at the rate'}): {kv_text}")
+        lines.append(
+            f"KV memory in use by requests ({'just past the highest rate' if best.over else 'at the rate'}): {kv_text}"
+        )
         tr = summ["transfer"]
         if tr["count"]:
             lines.append(
@@ -269,6 +290,11 @@ def _reasoning(
                 + (" -- the link is a bottleneck" if tr["link_util_max"] > 0.7 else "")
             )
     return lines
+
+
+def _words(spec: ClusterSpec, bottleneck: str) -> str:
+    table = _COLOCATED_WORDS if spec.colocated else {}
+    return table.get(bottleneck) or _BOUND_WORDS.get(bottleneck, bottleneck)
 
 
 def _compare(other: RatioResult, best: RatioResult, rate: float | None) -> str:
@@ -281,7 +307,7 @@ def _compare(other: RatioResult, best: RatioResult, rate: float | None) -> str:
         rel = (a - b) / b if b else 0.0
         text = f"goodput {a:.2f} req/s ({rel:+.0%})"
     if other.over is not None:
-        text += f", {_BOUND_WORDS.get(other.over['bottleneck'], other.over['bottleneck']).split(' (')[0]}"
+        text += f", {_words(other.spec, other.over['bottleneck']).split(' (')[0]}"
     elif other.summary is not None and other.summary["bottleneck"] != "none":
-        text += f", {_BOUND_WORDS.get(other.summary['bottleneck'], '').split(' (')[0]}"
+        text += f", {_words(other.spec, other.summary['bottleneck']).split(' (')[0]}"
     return text

@@ -22,9 +22,7 @@ def _kv(summary: dict[str, Any]) -> str:
     kv = summary["kv"]
     short = {"prefill": "P", "decode": "D", "colocated": "C"}
     order = [r for r in ("prefill", "decode", "colocated") if r in kv]
-    return " · ".join(
-        f"{short[r]} {kv[r]['peak_active_frac_max']:.0%}/{kv[r]['mean_active_frac']:.0%}" for r in order
-    )
+    return " · ".join(f"{short[r]} {kv[r]['peak_active_frac_max']:.0%}/{kv[r]['mean_active_frac']:.0%}" for r in order)
 
 
 def sweep_table(rows: Sequence[dict[str, Any]], max_rates: dict[str, float] | None = None) -> str:

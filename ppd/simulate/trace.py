@@ -105,10 +105,19 @@ def scale_time(requests: Iterable[TraceRequest], factor: float) -> list[TraceReq
     return [replace(r, arrival_s=r.arrival_s * factor) for r in requests]
 
 
-def offered_rate(requests: Sequence[TraceRequest]) -> float:
-    """Requests per second over the span of first-turn arrivals (plus one mean gap)."""
-    starts = sorted(r.arrival_s for r in requests if r.turn == 0)
+def arrival_window_s(requests: Sequence[TraceRequest]) -> float:
+    """Seconds over which conversations start: the span of their first turns' arrivals plus one mean gap (for a
+    generated workload, its duration). 0 for fewer than two conversations."""
+    firsts: dict[str, float] = {}
+    for r in requests:
+        firsts[r.conversation_id] = min(firsts.get(r.conversation_id, r.arrival_s), r.arrival_s)
+    starts = sorted(firsts.values())
     if len(starts) < 2:
-        return float(len(requests))
-    span = (starts[-1] - starts[0]) * len(starts) / (len(starts) - 1)
-    return len(requests) / span if span > 0 else float("inf")
+        return 0.0
+    return (starts[-1] - starts[0]) * len(starts) / (len(starts) - 1)
+
+
+def offered_rate(requests: Sequence[TraceRequest]) -> float:
+    """Requests per second over the arrival window (all turns counted)."""
+    window = arrival_window_s(requests)
+    return len(requests) / window if window > 0 else float(len(requests))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -151,7 +152,7 @@ async def test_decode_half_without_its_prefill_times_out(servers):
 async def test_abort_request_ends_a_running_stream(servers):
     url = servers["colocated"].url
     async with httpx.AsyncClient(timeout=30) as client:
-        b = {**body(ids(100, seed=8), 100000), "stream": True, "rid": "to-abort"}
+        b = {**body(ids(100, seed=8), 50000), "stream": True, "rid": "to-abort"}
         got = []
         async with client.stream("POST", url + "/generate", json=b) as resp:
             async for line in resp.aiter_lines():
@@ -160,7 +161,7 @@ async def test_abort_request_ends_a_running_stream(servers):
                     if len(got) == 3:
                         assert (await client.post(url + "/abort_request", json={"rid": "to-abort"})).status_code == 200
         assert got[-1]["meta_info"]["finish_reason"]["type"] == "abort"
-        assert 3 <= len(got[-1]["output_ids"]) < 100000
+        assert 3 <= len(got[-1]["output_ids"]) < 50000
 
 
 @pytest.mark.parametrize(
@@ -224,3 +225,30 @@ def test_info_endpoints_and_metrics(servers):
     q = "prefill_dp_rank=-1&prefill_cp_rank=-1&target_tp_rank=-1&target_pp_rank=-1"
     assert httpx.get(f"{boot}/route?{q}").json()["dp_size"] == 1
     assert httpx.get(f"{boot}/route").status_code == 400
+
+
+def test_client_that_leaves_aborts_its_request(servers):
+    url = servers["colocated"].url
+
+    def running() -> float:
+        for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+            if fam.name == METRIC_RUNNING:
+                return sum(s.value for s in fam.samples)
+        raise AssertionError("no running gauge")
+
+    def wait_idle() -> None:
+        for _ in range(40):
+            if running() == 0:
+                break
+            time.sleep(0.1)
+        assert running() == 0
+
+    payload = body(ids(50, seed=9), 50000)
+    with pytest.raises(httpx.ReadTimeout):  # non-stream: the client gives up waiting
+        httpx.post(url + "/generate", json=payload, timeout=httpx.Timeout(30, read=0.5))
+    wait_idle()
+    with httpx.stream("POST", url + "/generate", json={**payload, "stream": True}, timeout=30) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i == 3:
+                break  # stream: the client hangs up mid-stream
+    wait_idle()

@@ -126,6 +126,9 @@ def test_link_is_shared_transfers_queue():
     firsts = sorted(r.first_token_s for r in res.requests)
     assert firsts[0] == pytest.approx(ready + move, rel=1e-12)
     assert firsts[1] == pytest.approx(ready + 2 * move, rel=1e-12)
+    # without contention (the emulator's model) both moves take their own link time at once
+    free = simulate(trace, ClusterSpec(prefill=1, decode=1, link="tcp-25g", link_sharing="none"))
+    assert [r.first_token_s for r in free.requests] == pytest.approx([ready + move] * 2, rel=1e-12)
 
 
 def test_multi_turn_reuses_decode_cache_on_d_route():
@@ -143,3 +146,22 @@ def test_multi_turn_reuses_decode_cache_on_d_route():
     assert r2.first_token_s - r2.issue_s == pytest.approx(oh(p2) + ext((new, p1 + o1)), rel=1e-12)
     # the prefill server never saw this conversation: the P-route would have recomputed everything
     assert r2.prefill_cached_tokens == 0
+
+
+@pytest.mark.parametrize("gpu, batch, kv0, k", [("h200", 8, 20_000, 300), ("h20", 256, 50_000, 4000)])
+def test_decode_bursts_equal_step_by_step(gpu, batch, kv0, k):
+    """A burst's closed form (or its explicit sum where the step switches from FLOP- to memory-bound) equals adding
+    up every step; an interruption at any time stops at the end of the step under way."""
+    from ppd.simulate.server import _StepPlan
+
+    g = specs.gpu(gpu)
+    plan = _StepPlan(M, g, EFF, batch, kv0, k)
+    t, ends = 0.0, [0.0]
+    for i in range(k):
+        t += roofline.decode_step_time_s(M, g, batch, kv0 + i * batch, EFF)
+        ends.append(t)
+    for n in (0, 1, k // 3, k - 1, k):
+        assert plan.end(n) == pytest.approx(ends[n], rel=1e-9)
+    for n in (1, k // 2, k):
+        assert plan.steps_to_finish(ends[n] - 1e-9) == n  # just before step n ends: step n completes
+        assert plan.steps_to_finish(ends[n - 1] + 1e-9) == n  # just after step n-1 ended: step n is under way
