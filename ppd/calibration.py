@@ -13,7 +13,9 @@ robust soft-L1 loss over a sliding window, plus a weak pull toward the prior (th
 cannot see (no P-route requests yet, say) stay where the specs put them.
 
 Pure: `features` and `fit` take plain data; the `Calibrator` holds the window; `save_state` / `load_state` are the only
-file I/O and are called by the router (router.calibration_path), not by the fit.
+file I/O and are called by the router (router.calibration_path), not by the fit. A fit takes tens of ms: a server
+(the router) must not run it on its event loop, so `Calibrator.add` + `refit_job` split a refit into the fit over a
+snapshot of the window (safe in a worker thread) and the installation of its result (back on the owner's thread).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import pathlib
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,29 +290,45 @@ class Calibrator:
         self.seen = 0
         self.last: FitResult | None = None
         self.restored_from: dict[str, Any] | None = None
+        self._prior_version = 0  # bumped by `restore`: a refit begun against an older prior is dropped
 
-    def observe(self, obs: Observation) -> CostParams:
+    def add(self, obs: Observation) -> bool:
+        """Put one observation in the window without fitting; True when a refit is due (every `refit_every`)."""
         if obs.ttft_ms is None or not math.isfinite(obs.ttft_ms) or obs.ttft_ms <= 0 or obs.route == Route.COLOCATED:
-            return self.params
+            return False
         self.window.append(features(obs, self.params))
         self.seen += 1
-        if self.seen % self.refit_every == 0:
+        return self.seen % self.refit_every == 0
+
+    def observe(self, obs: Observation) -> CostParams:
+        """`add`, and refit inline when one is due (for callers without an event loop to protect)."""
+        if self.add(obs):
             self.refit()
         return self.params
 
     def refit(self) -> FitResult:
-        result = fit(list(self.window), self.prior, min_route_obs=self.min_route_obs)
-        self.last = result
-        self.params = dataclasses.replace(result.params, **self._service_times())
-        return result
+        return self.refit_job()()()
 
-    def _service_times(self) -> dict[str, float | None]:
-        """Median backend-reported prefill time per route: the expected service of a request queued ahead."""
-        out: dict[str, float | None] = {}
-        for route, name in ((Route.PREFILL, "prefill_service_ms"), (Route.DECODE, "decode_service_ms")):
-            vals = [f.prefill_ms for f in self.window if f.route == route and f.prefill_ms is not None]
-            out[name] = float(np.median(vals)) if len(vals) >= self.min_route_obs else getattr(self.prior, name)
-        return out
+    def refit_job(self) -> Callable[[], Callable[[], FitResult]]:
+        """A refit in two halves. The returned function fits a snapshot of the window taken now (pure: run it in a
+        worker thread) and returns `install`, which makes the fit current (call it back on the owner's thread, so
+        the parameters never change under a decision) and returns it; a fit begun before `restore` is not
+        installed."""
+        feats, prior, version, min_obs = list(self.window), self.prior, self._prior_version, self.min_route_obs
+
+        def run() -> Callable[[], FitResult]:
+            result = fit(feats, prior, min_route_obs=min_obs)
+            service = _service_times(feats, prior, min_obs)
+
+            def install() -> FitResult:
+                if version == self._prior_version:
+                    self.last = result
+                    self.params = dataclasses.replace(result.params, **service)
+                return result
+
+            return install
+
+        return run
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -343,9 +361,19 @@ class Calibrator:
         }
         # the restored fit becomes the prior: new observations refine it, parameters they cannot see keep it
         self.prior = self.prior.with_values(**fitted)
+        self._prior_version += 1
         self.params = dataclasses.replace(self.prior, **service)
         self.restored_from = {"observations_seen": state.get("observations_seen"), "last_fit": state.get("last_fit")}
         return True
+
+
+def _service_times(feats: Sequence[Features], prior: CostParams, min_obs: int) -> dict[str, float | None]:
+    """Median backend-reported prefill time per route: the expected service of a request queued ahead."""
+    out: dict[str, float | None] = {}
+    for route, name in ((Route.PREFILL, "prefill_service_ms"), (Route.DECODE, "decode_service_ms")):
+        vals = [f.prefill_ms for f in feats if f.route == route and f.prefill_ms is not None]
+        out[name] = float(np.median(vals)) if len(vals) >= min_obs else getattr(prior, name)
+    return out
 
 
 def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     "experiments.sweep_cli",  # ppd sweep
     "experiments.replay_cli",  # ppd replay
     "experiments.load_cli",  # ppd load
+    "experiments.bench_cli",  # ppd bench
 ]
 
 

@@ -28,7 +28,7 @@ from ppd.simulate.cluster import ClusterSpec, simulate
 from ppd.simulate.recommend import recommend_ratio
 from ppd.simulate.report import plot_sweep, recommendation_table, sweep_table, write_json
 from ppd.simulate.summary import summarize
-from ppd.simulate.sweep import WorkloadSource, as_source, max_rate, ratio_specs
+from ppd.simulate.sweep import WARMUP_FRAC, WorkloadSource, as_source, max_rate, ratio_specs
 from ppd.simulate.trace import TraceError, write_trace
 from ppd.simulate.workload import with_overrides
 
@@ -61,6 +61,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--rate", type=float, default=None, help="requests/s (default: the preset's, or the trace's own)")
     w.add_argument("--duration", type=float, default=None, help="seconds of conversation starts (default preset's)")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="leave requests issued in the first SECONDS out of the statistics (default: a quarter of a generated "
+        "workload's duration; 0 for a trace)",
+    )
 
     h = p.add_argument_group("hardware and serving knobs")
     h.add_argument("--config", default=None, help="take model, GPU, link, chunk size, KV pool from a stack config")
@@ -90,6 +97,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--attainment", type=float, default=0.9, help="share meeting the SLO for a rate to count")
     s.add_argument("--max-rate", action="store_true", help="also search each point's highest rate under the SLO")
     s.add_argument("--drain", type=float, default=120.0, help="simulate this long past the last arrival")
+    s.add_argument(
+        "--search-requests",
+        type=int,
+        default=4000,
+        help="a rate search simulates about this many requests per point (default 4000) ...",
+    )
+    s.add_argument(
+        "--search-duration", type=float, default=60.0, help="... over at least this many seconds of arrivals (60)"
+    )
 
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, help="write results JSON here")
@@ -245,6 +261,8 @@ def _run(args: argparse.Namespace) -> int:
             cluster=base,
             include_colocated=not args.no_colocated,
             attainment=args.attainment,
+            search_requests=args.search_requests,
+            min_duration_s=args.search_duration,
             log=log,
         )
         rows = [c.summary for c in rec.candidates if c.summary is not None]
@@ -260,9 +278,14 @@ def _run(args: argparse.Namespace) -> int:
         else:
             points = [dataclasses.replace(base, prefill=args.prefill or 1, decode=args.decode or 1, colocated=0)]
         rows, max_rates = [], {}
+        if source.spec is not None:
+            window = source.window(rate)
+            measure = (WARMUP_FRAC * window if args.warmup is None else args.warmup, window)
+        else:
+            measure = (args.warmup or 0.0, None)
         for spec in points:
             result = simulate(trace, spec, args.drain)
-            s = summarize(result, slo, source.name)
+            s = summarize(result, slo, source.name, *measure)
             s["rate"] = rate
             rows.append(s)
             log(f"{spec.ratio:>5}: goodput {s['goodput_rps']:.2f} req/s, SLO met {s['slo_attainment']:.1%}")
@@ -273,7 +296,15 @@ def _run(args: argparse.Namespace) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("".join(json.dumps(r.record()) + "\n" for r in result.requests))
             if args.max_rate:
-                r, _, _ = max_rate(source, spec, slo, args.attainment, start_rate=rate)
+                r, _, _ = max_rate(
+                    source,
+                    spec,
+                    slo,
+                    args.attainment,
+                    start_rate=rate,
+                    search_requests=args.search_requests,
+                    min_duration_s=args.search_duration,
+                )
                 max_rates[spec.ratio] = r
                 log(f"{spec.ratio:>5}: highest rate under SLO {r:.2f} req/s")
         markdown = sweep_table(rows, max_rates or None)

@@ -148,15 +148,15 @@ MODELS: dict[str, ModelSpec] = {
     ),
 }
 
-# Effective payload bandwidth for KV. NVLink: Mooncake's intra-node NVLink path (NV18 peak ~450 GB/s one way; the
-# idle P-vs-D gap in NOTES.md bounds the 2 GB move of L=16384 to a few ms). RDMA/TCP classes: line rate. mooncake-tcp:
-# what Mooncake's TCP transport measured between the two H200s of one host (NOTES.md, 1.6-1.8 GB/s).
+# Effective payload bandwidth for KV. nvlink: what Mooncake's intra-node NVLink path reached between the two H200s
+# of the lent box (results/h200x2: 1 GB in 5.8-7.7 ms, 128 MB in 3-5 ms -> ~150 GB/s + ~3 ms), far below NV18's
+# ~450 GB/s peak. RDMA/TCP classes: line rate. mooncake-tcp: Mooncake's TCP transport on that box (median 1.6 GB/s).
 LINKS: dict[str, LinkSpec] = {
-    "nvlink": LinkSpec("nvlink", gbytes_per_s=300.0, latency_ms=2.0),
+    "nvlink": LinkSpec("nvlink", gbytes_per_s=150.0, latency_ms=3.0),  # Mooncake NVLink, measured 2xH200 (results/h200x2)
     "rdma-400g": LinkSpec("rdma-400g", gbytes_per_s=50.0, latency_ms=2.0),
     "rdma-100g": LinkSpec("rdma-100g", gbytes_per_s=12.5, latency_ms=2.0),
     "tcp-25g": LinkSpec("tcp-25g", gbytes_per_s=3.125, latency_ms=5.0),
-    "mooncake-tcp": LinkSpec("mooncake-tcp", gbytes_per_s=1.7, latency_ms=5.0),  # measured on 2xH200, NOTES.md
+    "mooncake-tcp": LinkSpec("mooncake-tcp", gbytes_per_s=1.6, latency_ms=5.0),  # measured on 2xH200 (results/h200x2)
 }
 
 

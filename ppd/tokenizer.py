@@ -8,6 +8,10 @@ Multi-turn reuse needs token-exact history: re-tokenizing an assistant's text ne
 generated (BPE is not canonical over arbitrary id sequences), and a mismatch would break the decode server's cached
 prefix. So the router remembers the ids it returned for each assistant text (`remember_output`) and reuses them
 when that text comes back in a later turn's `messages`.
+
+Every encode goes through the tokenizers library's `encode_batch`, which releases the GIL while it works (plain
+`encode` holds it: 100+ ms for a 30k-token prompt), so a caller can tokenize long inputs in a worker thread
+(asyncio.to_thread) while its event loop keeps serving; a chat is encoded as one batch of its pieces.
 """
 
 from __future__ import annotations
@@ -77,7 +81,12 @@ class ChatTokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._encode_many([text])[0]
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`. Ids past this tokenizer's vocabulary (a dummy-weight model samples all of its 128k) become
@@ -111,23 +120,32 @@ class ChatTokenizer:
         while len(self._outputs) > self._output_memory:
             self._outputs.popitem(last=False)
 
+    def _remembered(self, role: str, text: str) -> list[int] | None:
+        if role != "assistant":
+            return None
+        known = self._outputs.get(self._key(text))
+        return list(known) if known is not None else None
+
     def _body_ids(self, role: str, text: str) -> list[int]:
-        if role == "assistant":
-            known = self._outputs.get(self._key(text))
-            if known is not None:
-                return list(known)
-        return self.encode(text.strip())
+        known = self._remembered(role, text)
+        return known if known is not None else self.encode(text.strip())
 
     def encode_chat(self, messages: Iterable[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         msgs = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
         if self._template is not None:  # a model's own template: render to text, tokenize once
             text = self._template.render(messages=msgs, add_generation_prompt=add_generation_prompt, bos_token=BOS)
-            return self._tok.encode(text, add_special_tokens=False).ids
-        ids: list[int] = [self.bos_id] if self.bos_id is not None else []
+            return self.encode(text)
+        # pieces in order: a list of ids (known already) or a text to encode; all texts go in one batch
+        pieces: list[list[int] | str] = [[self.bos_id] if self.bos_id is not None else []]
         for m in msgs:
-            ids += self.encode(HEADER.format(role=m["role"]))
-            ids += self._body_ids(m["role"], m["content"])
-            ids += [self.eot_id] if self.eot_id is not None else []
+            pieces.append(HEADER.format(role=m["role"]))
+            known = self._remembered(m["role"], m["content"])
+            pieces.append(known if known is not None else m["content"].strip())
+            pieces.append([self.eot_id] if self.eot_id is not None else [])
         if add_generation_prompt:
-            ids += self.encode(HEADER.format(role="assistant"))
+            pieces.append(HEADER.format(role="assistant"))
+        encoded = iter(self._encode_many([p for p in pieces if isinstance(p, str)]))
+        ids: list[int] = []
+        for p in pieces:
+            ids += next(encoded) if isinstance(p, str) else p
         return ids

@@ -1,9 +1,17 @@
 """The AppendRouter: an OpenAI-compatible FastAPI app in front of SGLang prefill/decode servers.
 
 The request path, in three hops:
-    POST /v1/chat/completions -> tokenize -> `Router.plan` (servers + policy.decide: P-route or D-route)
-    -> `RouteCall` (ppd.sglang.client: /generate on prefill+decode, or decode only) -> text back to the client.
+    POST /v1/chat/completions -> admission (total in-flight limit) -> tokenize -> `Router.plan` (servers +
+    policy.decide: P-route or D-route) -> `RouteCall` (ppd.sglang.client: /generate on prefill+decode, or decode
+    only) -> text back to the client.
 All state (HTTP pool, tokenizer, backends with their prefix indexes, policies, metrics) lives in the app's lifespan.
+
+The event loop serves every stream, so nothing long runs on it: long inputs are tokenized in a worker thread (the
+tokenizers library's batch API releases the GIL), and calibration refits run in one too (`Router.record`).
+
+A request whose first attempt fails before any token reached the client is planned once more: without a server it
+could not connect to, or, when the prefill half of a P-route failed after it was sent, by the D-route
+(reason `prefill-failed-retry`); only when no retry can run does the client get the first attempt's error.
 """
 
 from __future__ import annotations
@@ -25,16 +33,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ppd import specs
 from ppd.config import StackConfig, resolve_path, to_dict
-from ppd.policies import policy_names
+from ppd.policies import Route, policy_names
 from ppd.sglang import protocol
 from ppd.sglang.client import BackendError, SGLangClient, make_http_client
-from ppd.tokenizer import ChatTokenizer
+from ppd.tokenizer import ChatTokenizer, message_text
 from router import openai_models as om
 from router.backends import BackendPool
 from router.errors import OpenAIError, install_error_handlers
 from router.metrics import RouterMetrics
-from router.pd import RouteCall, Timeouts
-from router.routing import RoutePlan, Router
+from router.pd import PrefillFailed, RouteCall, Timeouts
+from router.routing import Retry, RoutePlan, Router
 from router.streaming import Generation, error_from, sse_stream
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CALIBRATION_SAVE_INTERVAL_S = 30.0
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+# Inputs up to this many characters are tokenized on the event loop (well under a millisecond); longer ones in a
+# worker thread: 30k tokens take 100+ ms, which would stall every other stream.
+TOKENIZE_INLINE_MAX_CHARS = 8192
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -100,6 +111,7 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
         finally:
             saver.cancel()
             await pool.stop()
+            await state.router.drain_refits()
             _save_calibration(state.router)
             await client.drain()
             await http.aclose()
@@ -112,8 +124,11 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
         state: RouterState = request.app.state.ppd
         req.check_supported()
         _check_model(state, req.model)
-        prompt_ids = state.tokenizer.encode_chat([m.as_dict() for m in req.messages])
-        max_new = _max_new_tokens(state, len(prompt_ids), req.requested_max_tokens(), "messages")
+        messages = [m.as_dict() for m in req.messages]
+        with _reserved(state, "chat"):  # refused before tokenizing when the router is full
+            chars = sum(len(message_text(m.get("content"))) for m in messages)
+            prompt_ids = await _off_loop_if(chars > TOKENIZE_INLINE_MAX_CHARS, state.tokenizer.encode_chat, messages)
+            max_new = _max_new_tokens(state, len(prompt_ids), req.requested_max_tokens(), "messages")
         return await _serve(state, request, "chat", req, prompt_ids, max_new)
 
     @app.post("/v1/completions")
@@ -122,22 +137,16 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
         req.check_supported()
         _check_model(state, req.model)
         prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            prompt_ids = state.tokenizer.encode(prompt)
-        else:
-            vocab = max(state.tokenizer.vocab_size, state.model_vocab_size)  # the model may outnumber the tokenizer
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise OpenAIError(
-                    400,
-                    f"token id {bad[0]} is outside the vocabulary (size {vocab})",
-                    param="prompt",
-                    code="invalid_value",
-                )
-            prompt_ids = list(prompt)
-        if not prompt_ids:
-            raise OpenAIError(400, "prompt is empty", param="prompt", code="invalid_value")
-        max_new = _max_new_tokens(state, len(prompt_ids), req.requested_max_tokens(), "prompt")
+        given_ids = None if isinstance(prompt, str) else _checked_token_ids(state, prompt)  # 400s before admission
+        with _reserved(state, "completions"):
+            prompt_ids = (
+                given_ids
+                if given_ids is not None
+                else await _off_loop_if(len(prompt) > TOKENIZE_INLINE_MAX_CHARS, state.tokenizer.encode, prompt)
+            )
+            if not prompt_ids:
+                raise OpenAIError(400, "prompt is empty", param="prompt", code="invalid_value")
+            max_new = _max_new_tokens(state, len(prompt_ids), req.requested_max_tokens(), "prompt")
         return await _serve(state, request, "completions", req, prompt_ids, max_new)
 
     @app.get("/v1/models")
@@ -151,8 +160,14 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
+        """200 when the configured policy can serve a request with the servers that are healthy now (a dead prefill
+        server does not make a router that can serve by the D-route unready); 503 otherwise."""
         state: RouterState = request.app.state.ppd
-        body = {"ready": state.pool.ready(), "backends": {b.name: b.health.value for b in state.pool.all}}
+        body = {
+            "ready": state.router.ready(),
+            "policy": state.cfg.router.policy,
+            "backends": {b.name: b.health.value for b in state.pool.all},
+        }
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
@@ -190,6 +205,26 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
         }
 
     return app
+
+
+@contextlib.contextmanager
+def _reserved(state: RouterState, endpoint: str):
+    """Hold a slot of the total in-flight limit while the request is tokenized and checked (429/503 at once when
+    there is none); it is given back right before `Router.plan` takes the real ones."""
+    try:
+        state.router.reserve()
+    except OpenAIError:
+        state.metrics.requests.labels(endpoint, "none", "rejected").inc()
+        raise
+    try:
+        yield
+    finally:
+        state.router.unreserve()
+
+
+async def _off_loop_if(long: bool, fn, *args):
+    """`fn(*args)` in a worker thread when the input is long, inline otherwise (a thread hop costs ~0.1 ms)."""
+    return await asyncio.to_thread(fn, *args) if long else fn(*args)
 
 
 class ClientGone(Exception):
@@ -235,6 +270,18 @@ def _save_calibration(router: Router) -> None:
         router.save_calibration()
     except Exception:  # a full disk must not take the router down
         log.exception("saving calibration to %s failed", router.cfg.router.calibration_path)
+
+
+def _checked_token_ids(state: RouterState, prompt: list[int]) -> list[int]:
+    vocab = max(state.tokenizer.vocab_size, state.model_vocab_size)  # the model may outnumber the tokenizer
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise OpenAIError(
+            400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt", code="invalid_value"
+        )
+    if not prompt:
+        raise OpenAIError(400, "prompt is empty", param="prompt", code="invalid_value")
+    return list(prompt)
 
 
 def _check_model(state: RouterState, model: str) -> None:
@@ -285,17 +332,22 @@ async def _start(
     max_new: int,
     t0: float,
 ) -> Generation:
-    """Plan, send, wait for the first token. A server that cannot be reached is marked down and the request
-    planned once more without it (nothing ran there, so nothing is lost): a dead prefill server makes the policy
-    fall back to the D-route, a dead decode server sends the conversation elsewhere with L = 0."""
+    """Plan, send, wait for the first token; if that fails before any token reached the client, plan once more
+    (`_retry_after`). When the retry cannot be planned (no route, no slot), a failed prefill half is answered with
+    its own 502/503 `prefill_failed`."""
     policy = request.headers.get("x-ppd-policy") or None
     conversation = request.headers.get("x-ppd-conversation") or None
     sampling = req.sampling_params(max_new)
-    exclude: set[str] = set()
+    retry: Retry | None = None
+    first_error: OpenAIError | None = None  # what the client gets if the retry cannot be planned
     for attempt in range(2):
         try:
-            plan = state.router.plan(prompt_ids, max_new, policy, conversation, exclude)
+            plan = state.router.plan(prompt_ids, max_new, policy, conversation, retry)
         except OpenAIError as err:
+            if first_error is not None and retry is not None:
+                log.warning("no retry of %s by the D-route: %s", endpoint, err.message)
+                state.metrics.requests.labels(endpoint, retry.failed_route.value, "backend_error").inc()
+                raise first_error from None
             if err.status in (429, 503):  # admission control: no slot, or no healthy server
                 state.metrics.requests.labels(endpoint, "none", "rejected").inc()
             raise
@@ -310,24 +362,53 @@ async def _start(
             state.router.release(plan)
             for name in call.aborted:
                 state.metrics.aborts.labels(name).inc()
-            failed = next((b for b in plan.backends if isinstance(exc, BackendError) and b.url == exc.url), None)
-            if failed is not None and isinstance(exc, BackendError) and exc.connect:
-                state.pool.mark_failed(failed, str(exc))
-                if attempt == 0:
-                    exclude.add(failed.name)
-                    log.warning("retrying %s without %s: %s", endpoint, failed.name, exc)
-                    continue
             if isinstance(exc, ClientGone):
                 state.metrics.requests.labels(endpoint, plan.route.value, "client_disconnect").inc()
                 raise
-            if isinstance(exc, Exception):
-                err = error_from(exc)
+            if not isinstance(exc, Exception):
+                raise
+            err = error_from(exc)
+            retry = _retry_after(state, plan, exc) if attempt == 0 else None
+            if retry is None:
                 state.metrics.requests.labels(
                     endpoint, plan.route.value, "timeout" if err.status == 504 else "backend_error"
                 ).inc()
                 raise err from exc
-            raise
+            first_error = err if retry.decode_only else None
+            state.metrics.retries.labels("prefill_failed" if retry.prefill_failed else "connect_failed").inc()
+            log.warning("retrying %s without %s: %s", endpoint, retry.failed_server, exc)
+            if call.abort_tasks:  # the decode half is gone before its retry arrives
+                await asyncio.wait(call.abort_tasks, timeout=state.cfg.router.connect_timeout_s)
     raise AssertionError("unreachable")
+
+
+def _retry_after(state: RouterState, plan: RoutePlan, exc: Exception) -> Retry | None:
+    """How to retry a request whose attempt on `plan` failed before its first token, or None.
+
+    - A server that could not be reached is marked down and the request planned without it (nothing ran there): a
+      dead prefill server makes the policy fall back to the D-route, a dead decode server sends the conversation
+      elsewhere with L = 0.
+    - The prefill half of a P-route failed after it was sent (an error status, the connection dropped mid-flight):
+      its decode half was aborted; the request is retried by the D-route, if the decode servers can run one and the
+      policy takes it. A dropped connection also marks the prefill server down (it most likely died)."""
+    if not isinstance(exc, BackendError):
+        return None
+    if isinstance(exc, PrefillFailed) and plan.prefill is not None:
+        failed = plan.prefill
+        if exc.connect or exc.dropped:
+            state.pool.mark_failed(failed, str(exc))
+        if exc.connect:
+            return Retry(Route.PREFILL, failed.name, exc.message, frozenset({failed.name}), prefill_failed=True)
+        if not state.router.d_route_possible:
+            return None
+        return Retry(
+            Route.PREFILL, failed.name, exc.message, frozenset({failed.name}), prefill_failed=True, decode_only=True
+        )
+    failed = next((b for b in plan.backends if b.url == exc.url), None)
+    if failed is not None and exc.connect:
+        state.pool.mark_failed(failed, str(exc))
+        return Retry(plan.route, failed.name, exc.message, frozenset({failed.name}))
+    return None
 
 
 async def _serve(

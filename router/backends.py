@@ -2,7 +2,8 @@
 
 Health: /health every `router.health_interval_s`; a failed check or a request that cannot connect marks the server
 unhealthy at once (a simple circuit breaker: no traffic until a health check passes again). A server that went down
-lost its KV, so its prefix index is cleared. Load: /metrics every `router.metrics_poll_interval_s`.
+lost its KV, so its prefix index is cleared. Load: /metrics every `router.metrics_poll_interval_s`. Readiness (which
+routes can run with the servers that are healthy) is the router's: `Router.ready`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class BackendPool:
         self.decode = [self._make("decode", i, s) for i, s in enumerate(cfg.decode)]
         self.colocated = [self._make("colocated", i, s) for i, s in enumerate(cfg.colocated)]
         self._tasks: list[asyncio.Task] = []
+        self.checked = False  # every backend has had one health check (readiness waits for it)
 
     def _make(self, role: Role, i: int, server: ServerConfig) -> Backend:
         return Backend(role, i, server, PrefixIndex(spec_capacity_tokens(self.cfg, server)))
@@ -108,10 +110,6 @@ class BackendPool:
     def serving(self) -> list[Backend]:
         """Servers that produce the answer: decode servers, or the colocated ones."""
         return self.colocated if self.cfg.mode == "colocated" else self.decode
-
-    def ready(self) -> bool:
-        roles = [self.colocated] if self.cfg.mode == "colocated" else [self.prefill, self.decode]
-        return all(any(b.health is Health.HEALTHY for b in group) for group in roles)
 
     def total_inflight(self) -> int:
         return sum(b.inflight for b in self.serving)
@@ -164,9 +162,11 @@ class BackendPool:
         task = asyncio.get_running_loop().create_task(coro)
         self.client.keep(task)
 
-    async def _loop(self, interval_s: float, fn) -> None:
+    async def _loop(self, interval_s: float, fn, health: bool = False) -> None:
         while True:
             await asyncio.gather(*(fn(b) for b in self.all), return_exceptions=True)
+            if health:
+                self.checked = True
             await asyncio.sleep(interval_s)
 
     async def start(self) -> None:
@@ -175,7 +175,7 @@ class BackendPool:
             self.metrics.backend_healthy.labels(b.name).set(0)
         r = self.cfg.router
         self._tasks = [
-            asyncio.create_task(self._loop(r.health_interval_s, self.check_health)),
+            asyncio.create_task(self._loop(r.health_interval_s, self.check_health, health=True)),
             asyncio.create_task(self._loop(r.metrics_poll_interval_s, self.poll_metrics)),
         ]
 

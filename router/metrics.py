@@ -53,6 +53,12 @@ class RouterMetrics:
             "ppd_admission_rejected", "Requests refused by admission control", ["reason"], registry=r
         )
         self.aborts = Counter("ppd_backend_aborts", "abort_request calls sent per backend", ["backend"], registry=r)
+        self.retries = Counter(
+            "ppd_retries",
+            "Requests planned a second time after their first attempt failed before the first token",
+            ["reason"],
+            registry=r,
+        )
         self.index_corrections = Counter(
             "ppd_prefix_index_corrections",
             "Times a backend reported fewer cached tokens than the router's index predicted",

@@ -37,8 +37,17 @@ class Timeouts:
     inter_token_s: float
 
 
+# A decode half aborted by its server before its first token (e.g. "transfer failed") may be the echo of a prefill
+# failure whose own report is a moment behind: wait this long for it before blaming the decode server.
+PREFILL_BLAME_GRACE_S = 0.25
+
+
 class PrefillFailed(BackendError):
     """The prefill half of a P-route failed; the decode half has been aborted."""
+
+
+class DecodeAborted(BackendError):
+    """The answering server ended the request with finish_reason abort (failed KV transfer, overload, ...)."""
 
 
 def bootstrap_hostname(url: str) -> str:
@@ -106,6 +115,7 @@ class RouteCall:
         self.last: protocol.GenerateOutput | None = None
         self.prefill_out: protocol.GenerateOutput | None = None
         self.aborted: list[str] = []  # backend names that were sent /abort_request
+        self.abort_tasks: list[asyncio.Task] = []  # those aborts, in flight (a retry waits for them)
         self._prefill_task: asyncio.Task | None = None
 
     async def _prefill_half(self) -> protocol.GenerateOutput:
@@ -113,15 +123,32 @@ class RouteCall:
         try:
             out = await self.client.generate_last(self.plan.prefill.url, self.body)
         except BackendError as err:
-            raise PrefillFailed(err.url, err.message, status=err.status, connect=err.connect) from err
+            raise PrefillFailed(
+                err.url, err.message, status=err.status, connect=err.connect, dropped=err.dropped
+            ) from err
         self.prefill_out = out
         return out
 
-    def _abort(self, include_prefill: bool) -> None:
-        targets = [self.plan.decode] + ([self.plan.prefill] if include_prefill and self.plan.prefill else [])
+    def _abort(self, include_decode: bool, include_prefill: bool) -> None:
+        targets = ([self.plan.decode] if include_decode else []) + (
+            [self.plan.prefill] if include_prefill and self.plan.prefill else []
+        )
         for b in targets:
-            self.client.abort_soon(b.url, self.rid)
+            self.abort_tasks.append(self.client.abort_soon(b.url, self.rid))
             self.aborted.append(b.name)
+
+    async def _prefill_failure(self, deadline: float) -> PrefillFailed | None:
+        """The prefill half's failure, if it failed or fails within PREFILL_BLAME_GRACE_S (and before `deadline`)."""
+        task = self._prefill_task
+        if task is None:
+            return None
+        if not task.done():
+            grace_s = min(PREFILL_BLAME_GRACE_S, deadline - asyncio.get_running_loop().time())
+            if grace_s > 0:
+                await asyncio.wait({task}, timeout=grace_s)
+        if task.done() and not task.cancelled() and isinstance(task.exception(), PrefillFailed):
+            return task.exception()  # type: ignore[return-value]
+        return None
 
     async def chunks(self) -> AsyncIterator[tuple[list[int], protocol.GenerateOutput]]:
         loop = asyncio.get_running_loop()
@@ -164,7 +191,7 @@ class RouteCall:
                             # SGLang ends an aborted request's stream this way (failed KV transfer, overload, ...)
                             message = out.finish_reason.get("message") or "aborted"
                             status = out.finish_reason.get("status_code")
-                            raise BackendError(
+                            raise DecodeAborted(
                                 self.plan.decode.url, f"request aborted by the server: {message}", status=status
                             )
                     if new_ids or self.finished:
@@ -180,14 +207,23 @@ class RouteCall:
                 f"backend timed out waiting for the first token (limit {self.timeouts.first_token_s:g} s)",
                 code="first_token_timeout",
             ) from None
+        except DecodeAborted as err:
+            if first:  # a P-route whose decode half gave up waiting for KV: was it the prefill half that failed?
+                blame = await self._prefill_failure(deadline)
+                if blame is not None:
+                    raise blame from err
+            raise
         finally:
             prefill = self._prefill_task
             prefill_running = prefill is not None and not prefill.done()
             if not self.finished:
                 # Whatever stopped us, the servers still working on this rid must stop too.
-                self._abort(include_prefill=prefill_running)
+                self._abort(include_decode=True, include_prefill=prefill_running)
                 if prefill_running:
                     prefill.cancel()
+            elif prefill_running and self.last is not None and _aborted(self.last):
+                self._abort(include_decode=False, include_prefill=True)  # its KV has nowhere to go
+                prefill.cancel()
             elif prefill_running:
                 self.client.keep(prefill)  # nearly done: the decode server already has its KV
 
@@ -198,6 +234,10 @@ class RouteCall:
         with contextlib.suppress(Exception):  # a slow or failed prefill report only costs us its timings
             return await asyncio.wait_for(asyncio.shield(self._prefill_task), timeout_s)
         return None
+
+
+def _aborted(out: protocol.GenerateOutput) -> bool:
+    return (out.finish_reason or {}).get("type") == "abort"
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -4,26 +4,38 @@ Server choice is mechanical (decode by prefix affinity = longest cached prefix, 
 least load); the route choice (P or D) is the policy's. After a request the decode server's index gains the prompt and
 the generated tokens (the server keeps both), the prefill server's index the prompt (P-route), and every policy with an
 `observe` hook sees the measured timings.
+
+Calibration never runs on the event loop: a policy with `observe_deferred` (auto) hands back its due refit as a job,
+which runs in a worker thread over a snapshot of its window; its result is installed back on the loop. Observations
+are in GPU time: with emulated backends the router's wall-clock TTFT/TPOT/E2E are divided by the emulator's
+time_scale, like the servers' own reported timings.
+
+Admission: `reserve` takes a slot of the total in-flight limit before the request is tokenized (a flood is refused
+before it costs CPU); `plan` takes the per-backend slots once the servers are chosen.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ppd import roofline, specs
 from ppd.config import StackConfig, resolve_path
 from ppd.policies import Decision, Policy, PolicyContext, Route, RoutingInput, ServerLoad, make_policy, policy_names
 from ppd.policies.base import Observation
-from router.backends import Backend, BackendPool
+from router.backends import Backend, BackendPool, Health
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
 CONVERSATION_MEMORY = 65536  # conversations whose last route and decode server are remembered (LRU)
+PREFILL_FAILED_RETRY = "prefill-failed-retry"  # decision reason of a D-route retry after a failed P-route
 
 
 def usable_prefix(matched: int, prompt_tokens: int) -> int:
@@ -56,6 +68,7 @@ class RoutePlan:
     decode_load: ServerLoad
     prefill_load: ServerLoad | None
     conversation: str | None = None
+    retry_of: dict[str, Any] | None = None  # the failed first attempt this plan retries (route, server, error)
     released: bool = field(default=False, repr=False)
 
     @property
@@ -73,6 +86,21 @@ class RoutePlan:
     @property
     def backends(self) -> list[Backend]:
         return [self.decode] + ([self.prefill] if self.prefill is not None else [])
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A second plan for a request whose first attempt failed before any token reached the client."""
+
+    failed_route: Route
+    failed_server: str
+    error: str
+    exclude: frozenset[str]  # servers the retry must not use
+    prefill_failed: bool = False  # the first attempt was a P-route whose prefill half failed
+    decode_only: bool = False  # work may have started on the prefill server: only the D-route may serve the retry
+
+    def summary(self) -> dict[str, Any]:
+        return {"route": self.failed_route.value, "server": self.failed_server, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -100,8 +128,14 @@ class Router:
         self.default_policy = self.policy(cfg.router.policy)  # fail at start on an unknown configured policy
         self._conversations: OrderedDict[str, tuple[Route, str]] = OrderedDict()
         self.model_spec = specs.model(cfg.model.spec)
-        # A real SGLang decode server without our extension runs a chunk cache: it keeps nothing between requests.
+        # A real SGLang decode server without our extension runs a chunk cache: it keeps nothing between requests,
+        # and cannot run a D-route (local append) at all.
         self.decode_keeps_kv = cfg.backend == "emulated" or cfg.sglang.decode_local_append
+        self.d_route_possible = cfg.mode == "disaggregated" and self.decode_keeps_kv
+        self.serves_without_prefill = self.d_route_possible and self._falls_back_to_decode(self.default_policy)
+        self.admitting = 0  # requests holding a total slot while they are tokenized (see `reserve`)
+        self._refits: dict[str, asyncio.Task] = {}  # policy name -> its calibration refit running off-loop
+        self._next_refit: dict[str, Callable[[], Callable[[], Any]]] = {}  # the newest refit due meanwhile
 
     # --- policies ------------------------------------------------------------------------------------------------
 
@@ -151,6 +185,54 @@ class Router:
     def policies(self) -> list[Policy]:
         return list(self._policies.values())
 
+    def _falls_back_to_decode(self, policy: Policy) -> bool:
+        """Whether `policy` serves by the D-route when no prefill server can run (asked once, at start)."""
+        r = self.cfg.router
+        probe = RoutingInput(
+            prompt_tokens=2,
+            decode_cached_tokens=0,
+            prefill_cached_tokens=0,
+            max_new_tokens=1,
+            prefill=ServerLoad(url="", healthy=False, max_inflight=r.max_inflight_per_backend),
+            decode=ServerLoad(url="probe", max_inflight=r.max_inflight_per_backend),
+        )
+        try:
+            return policy.decide(probe).route is Route.DECODE
+        except Exception:  # a policy that cannot decide without a prefill server needs one
+            log.exception("policy %s: probing its fallback failed", policy.name)
+            return False
+
+    # --- readiness and admission ---------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether the configured policy can serve a request now: a healthy answering server (decode or colocated)
+        and, unless the policy falls back to the D-route, a healthy prefill server. False until every backend has
+        been checked once."""
+        pool = self.pool
+        if not pool.checked:
+            return False
+        if not any(b.health is Health.HEALTHY for b in pool.serving):
+            return False
+        if self.cfg.mode == "colocated" or self.serves_without_prefill:
+            return True
+        return any(b.health is Health.HEALTHY for b in pool.prefill)
+
+    def _check_total(self) -> None:
+        if self.pool.total_inflight() + self.admitting >= self.cfg.router.max_inflight_total:
+            self.metrics.rejected.labels("total_full").inc()
+            raise OpenAIError(429, "the router is at its in-flight limit; retry later", type_="rate_limit_exceeded")
+
+    def reserve(self) -> None:
+        """Take a slot of the total in-flight limit before tokenizing (429 at the limit, 503 with no usable answering
+        server); `unreserve` gives it back right before `plan`, which takes the real slots."""
+        if not any(b.usable for b in self.pool.serving):
+            raise OpenAIError(503, "no healthy decode server", type_="service_unavailable", code="no_healthy_backend")
+        self._check_total()
+        self.admitting += 1
+
+    def unreserve(self) -> None:
+        self.admitting -= 1
+
     # --- planning ------------------------------------------------------------------------------------------------
 
     def _pick_serving(self, prompt_ids: Sequence[int], previous: str | None, exclude: set[str]) -> tuple[Backend, int]:
@@ -181,14 +263,16 @@ class Router:
         max_new_tokens: int,
         policy_name: str | None = None,
         conversation: str | None = None,
-        exclude: set[str] | None = None,
+        retry: Retry | None = None,
     ) -> RoutePlan:
-        """Choose servers and route, and take the admission slots (429/503 as OpenAIError when none)."""
-        exclude = exclude or set()
+        """Choose servers and route, and take the admission slots (429/503 as OpenAIError when none). A `retry`
+        avoids the servers its first attempt failed on; a decode-only retry is refused (503) when the policy will
+        not take the D-route, and otherwise says so in its reason (PREFILL_FAILED_RETRY)."""
+        exclude = set(retry.exclude) if retry is not None else set()
+        if retry is not None and retry.decode_only:
+            exclude.update(b.name for b in self.pool.prefill)
         r = self.cfg.router
-        if self.pool.total_inflight() >= r.max_inflight_total:
-            self.metrics.rejected.labels("total_full").inc()
-            raise OpenAIError(429, "the router is at its in-flight limit; retry later", type_="rate_limit_exceeded")
+        self._check_total()
         prev_route, prev_server = self._conversations.get(conversation, (None, None)) if conversation else (None, None)
         policy = self.policy(policy_name)
         prompt_ids = tuple(prompt_ids)
@@ -225,6 +309,13 @@ class Router:
                 previous_route=prev_route,
             )
             decision = policy.decide(x)
+            if retry is not None and retry.prefill_failed and decision.route is Route.DECODE:
+                decision = dataclasses.replace(
+                    decision,
+                    reason=PREFILL_FAILED_RETRY,
+                    detail=f"{retry.error}; then {decision.reason}"
+                    + (f": {decision.detail}" if decision.detail else ""),
+                )
             if decision.route is Route.PREFILL:
                 if prefill is None or not prefill.usable:
                     raise OpenAIError(
@@ -251,6 +342,7 @@ class Router:
             decode_load=decode_load,
             prefill_load=prefill_load,
             conversation=conversation,
+            retry_of=retry.summary() if retry is not None else None,
         )
         self._acquire(plan)
         return plan
@@ -307,6 +399,8 @@ class Router:
                 self._conversations.popitem(last=False)
         if plan.route is Route.COLOCATED:
             return
+        # the policies model GPU time: an emulated GPU runs time_scale x slower (or faster) than the real one
+        scale = self.time_scale(outcome.server_timings)
         obs = Observation(
             route=plan.route,
             prompt_tokens=plan.prompt_tokens,
@@ -317,9 +411,9 @@ class Router:
                 else plan.prefill_cached_tokens
             ),
             completion_tokens=len(outcome.output_ids),
-            ttft_ms=outcome.ttft_ms,
-            tpot_ms=outcome.tpot_ms,
-            e2e_ms=outcome.e2e_ms,
+            ttft_ms=outcome.ttft_ms / scale,
+            tpot_ms=outcome.tpot_ms / scale if outcome.tpot_ms is not None else None,
+            e2e_ms=outcome.e2e_ms / scale,
             kv_bytes=outcome.kv_bytes,
             decode_running_reqs=plan.decode_load.running_reqs,
             decode_running_kv_tokens=plan.decode_load.running_kv_tokens,
@@ -327,9 +421,52 @@ class Router:
             server_timings=outcome.server_timings,
         )
         for policy in self.policies:  # every policy learns from every route, forced ones included
+            deferred = getattr(policy, "observe_deferred", None)
             observe = getattr(policy, "observe", None)
-            if observe is not None:
-                try:
+            try:
+                if deferred is not None:
+                    job = deferred(obs)
+                    if job is not None:
+                        self._refit_later(policy.name, job)
+                elif observe is not None:
                     observe(obs)
-                except Exception:  # a calibration bug must not fail a served request
-                    log.exception("policy %s observe failed", policy.name)
+            except Exception:  # a calibration bug must not fail a served request
+                log.exception("policy %s observe failed", policy.name)
+
+    def time_scale(self, server_timings: dict[str, float]) -> float:
+        """Wall seconds per GPU second of the backends: the emulator's report (meta_info.ppd.time_scale), else the
+        config's emulator.time_scale for emulated backends, else 1."""
+        reported = server_timings.get("time_scale")
+        if reported is not None and reported > 0:
+            return float(reported)
+        if self.cfg.backend == "emulated" and self.cfg.emulator.time_scale > 0:
+            return float(self.cfg.emulator.time_scale)
+        return 1.0
+
+    # --- calibration off the event loop --------------------------------------------------------------------------
+
+    def _refit_later(self, name: str, job: Callable[[], Callable[[], Any]]) -> None:
+        """Run a policy's refit job in a worker thread; one at a time per policy, the newest due one next."""
+        running = self._refits.get(name)
+        if running is not None and not running.done():
+            self._next_refit[name] = job  # snapshots are cumulative: only the newest matters
+            return
+        self._refits[name] = asyncio.get_running_loop().create_task(self._run_refits(name, job))
+
+    async def _run_refits(self, name: str, job: Callable[[], Callable[[], Any]] | None) -> None:
+        try:
+            while job is not None:
+                try:
+                    install = await asyncio.to_thread(job)
+                    install()  # back on the loop: decide() never sees a half-installed fit
+                except Exception:  # a failed fit keeps the previous parameters
+                    log.exception("policy %s: calibration refit failed", name)
+                job = self._next_refit.pop(name, None)
+        finally:
+            self._refits.pop(name, None)
+
+    async def drain_refits(self, timeout_s: float = 10.0) -> None:
+        """Wait for refits in flight (before saving calibration at shutdown)."""
+        tasks = [t for t in self._refits.values() if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)

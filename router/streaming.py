@@ -291,6 +291,7 @@ def ppd_object(plan: RoutePlan, rid: str, kv_bytes: int, timings: dict[str, floa
         "decode_server": plan.decode.name,
         "prefill_server": plan.prefill.name if plan.prefill is not None else None,
         "request_id": rid,
+        "retry_of": plan.retry_of,  # the failed first attempt (route, server, error) when this answer is a retry
     }
 
 

@@ -18,6 +18,7 @@ decode_route_overhead_ms) to pin a starting value.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ppd.calibration import Calibrator
@@ -107,6 +108,14 @@ class AutoPolicy:
     def observe(self, obs: Observation) -> None:
         if self.calibrator is not None:
             self.calibrator.observe(obs)
+
+    def observe_deferred(self, obs: Observation) -> Callable[[], Callable[[], Any]] | None:
+        """`observe` for a caller with an event loop: a refit that is due comes back as a job instead of running here.
+        The job fits a snapshot of the window (pure: run it in a worker thread) and returns a function that installs
+        the fit (call it on the loop). `decide` is untouched by either half until that install."""
+        if self.calibrator is None or not self.calibrator.add(obs):
+            return None
+        return self.calibrator.refit_job()
 
     # persistence: the router reads/writes router.calibration_path with ppd.calibration.load_state / save_state
     def calibration_key(self) -> dict[str, Any]:

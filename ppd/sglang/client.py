@@ -34,14 +34,17 @@ BACKEND_KEEPALIVE_EXPIRY_S = 2.0  # below SGLang's (uvicorn's) 5 s idle timeout
 
 
 class BackendError(Exception):
-    """A backend call failed. `connect` = the server could not be reached (nothing was sent)."""
+    """A backend call failed. `connect` = the server could not be reached (nothing was sent); `dropped` = the
+    connection broke after the request was sent (the server died or closed it mid-flight); `status` = the HTTP
+    status of a refusal."""
 
-    def __init__(self, url: str, message: str, status: int | None = None, connect: bool = False):
+    def __init__(self, url: str, message: str, status: int | None = None, connect: bool = False, dropped: bool = False):
         super().__init__(f"{url}: {message}")
         self.url = url
         self.message = message
         self.status = status
         self.connect = connect
+        self.dropped = dropped
 
 
 def make_http_client(
@@ -135,8 +138,8 @@ class SGLangClient:
             raise BackendError(url, f"cannot connect: {type(err).__name__}", connect=True) from err
         except httpx.PoolTimeout as err:  # our side is out of connections; the server is not at fault
             raise BackendError(url, "router connection pool exhausted", status=503) from err
-        except httpx.HTTPError as err:
-            raise BackendError(url, f"request failed: {type(err).__name__}: {err}") from err
+        except httpx.HTTPError as err:  # sent, then no response: the server closed or lost the connection
+            raise BackendError(url, f"request failed: {type(err).__name__}: {err}", dropped=True) from err
         try:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
@@ -152,7 +155,7 @@ class SGLangClient:
                 if out is not None:
                     yield out
         except httpx.HTTPError as err:
-            raise BackendError(url, f"stream broken: {type(err).__name__}: {err}") from err
+            raise BackendError(url, f"stream broken: {type(err).__name__}: {err}", dropped=True) from err
 
     async def generate_last(self, url: str, body: dict[str, Any]) -> GenerateOutput:
         """Run a /generate stream to its end and return the last chunk (the prefill half of a P-route)."""
@@ -161,7 +164,7 @@ class SGLangClient:
             async for out in chunks:
                 last = out
         if last is None:
-            raise BackendError(url, "stream ended without output")
+            raise BackendError(url, "stream ended without output", dropped=True)
         return last
 
     async def abort(self, url: str, rid: str) -> bool:
@@ -173,11 +176,13 @@ class SGLangClient:
             log.warning("abort %s on %s failed: %s", rid, url, err)
             return False
 
-    def abort_soon(self, url: str, rid: str) -> None:
-        """Abort in the background: callable from a cancelled task (client disconnect) without awaiting."""
+    def abort_soon(self, url: str, rid: str) -> asyncio.Task:
+        """Abort in the background: callable from a cancelled task (client disconnect) without awaiting. The task is
+        returned for a caller that must know the abort landed before it sends more work (a retry)."""
         task = asyncio.get_running_loop().create_task(self.abort(url, rid))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def keep(self, task: asyncio.Task) -> None:
         """Hold a reference to a fire-and-forget task until it ends; its exception is logged, never lost."""

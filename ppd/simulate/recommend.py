@@ -121,7 +121,7 @@ def recommend_ratio(
     attainment: float = 0.9,
     tie_tol: float = 0.02,
     search_requests: int | None = 4000,
-    min_duration_s: float = 30.0,
+    min_duration_s: float = 60.0,
     rel_tol: float = 0.03,
     log: Callable[[str], None] | None = None,
 ) -> Recommendation:

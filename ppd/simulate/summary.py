@@ -79,11 +79,23 @@ def bottleneck(summary: dict[str, Any]) -> str:
     return max(parts, key=parts.get) if any(parts.values()) else "prefill"
 
 
-def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]:
+def summarize(
+    result: SimResult,
+    slo: Slo,
+    workload: str = "",
+    measure_from_s: float = 0.0,
+    measure_to_s: float | None = None,
+) -> dict[str, Any]:
+    """Per-request statistics over the requests issued in [measure_from_s, measure_to_s) (default: all; a warm-up
+    and the tail after the arrival window are usually left out); server, KV and link statistics over the whole run.
+    Goodput divides by the measured window (default: the trace's arrival window)."""
     spec = result.spec
-    reqs = result.requests
     end = result.end_s if result.end_s > 0 else 1e-9
-    window = result.window_s if result.window_s > 0 else end
+    upper = math.inf if measure_to_s is None else measure_to_s
+    reqs = [r for r in result.requests if measure_from_s <= r.issue_s < upper]
+    window = (measure_to_s if measure_to_s is not None else result.window_s) - measure_from_s
+    if window <= 0:
+        window = end
     metrics = [request_metrics(timing(r)) for r in reqs]
     good = [meets_slo(m, slo) for m in metrics]
     done = [r for r in reqs if r.done]
@@ -116,7 +128,7 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
         role["mean"].append(kv["mean_used_tokens"] / kv["capacity_tokens"] if kv["capacity_tokens"] else 0.0)
 
     ports = {name: {**st, "util": st["busy_s"] / end} for name, st in result.ports.items()}
-    total_bytes = sum(r.kv_bytes for r in reqs)
+    total_bytes = sum(r.kv_bytes for r in result.requests)
     n_good = sum(good)
     n = max(1, len(reqs))
     out = {
@@ -128,7 +140,10 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
         "model": spec.model,
         "link": spec.link,
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+        "measured_from_s": measure_from_s,
+        "measured_to_s": measure_to_s,
         "requests": len(reqs),
+        "requests_simulated": len(result.requests),
         "completed": len(done),
         "failed": sum(1 for r in reqs if r.failed),
         "duration_s": window,
@@ -165,9 +180,9 @@ def summarize(result: SimResult, slo: Slo, workload: str = "") -> dict[str, Any]
         },
         "busy_frac": {role: _role_mean(v["busy"]) for role, v in by_role.items()},
         "transfer": {
-            "count": sum(1 for r in reqs if r.kv_bytes),
+            "count": sum(1 for r in result.requests if r.kv_bytes),
             "bytes": total_bytes,
-            "gbytes_per_s": total_bytes / end / 1e9,
+            "gbytes_per_s": total_bytes / end / 1e9,  # over the whole run
             "link_util_max": max((p["util"] for p in ports.values()), default=0.0),
             "link_util_mean": _role_mean([p["util"] for p in ports.values()]),
             "ports": ports,

@@ -19,6 +19,8 @@ from ppd.simulate.summary import summarize
 from ppd.simulate.trace import TraceRequest, offered_rate, read_trace, scale_time
 from ppd.simulate.workload import WorkloadSpec, generate, workload
 
+WARMUP_FRAC = 0.25  # share of a generated workload's arrival window left out of the statistics
+
 
 @dataclass(frozen=True)
 class WorkloadSource:
@@ -43,13 +45,17 @@ class WorkloadSource:
         """The trace at `rate`; `max_requests` shortens a generated workload to about that many requests (but at
         least `min_duration_s` of arrivals), which keeps rate searches at high rates affordable."""
         if self.spec is not None:
-            duration = self.duration_s
-            if max_requests is not None and rate:
-                duration = min(duration, max(min_duration_s, max_requests / rate))
-            return generate(self.spec, rate, duration, self.seed)
+            return generate(self.spec, rate, self.window(rate, max_requests, min_duration_s), self.seed)
         if rate is None:
             return list(self.trace)
         return scale_time(self.trace, self.default_rate / rate)
+
+    def window(self, rate: float | None, max_requests: int | None = None, min_duration_s: float = 30.0) -> float:
+        """Arrival window of the generated trace at `rate` (see `at`)."""
+        duration = self.duration_s
+        if max_requests is not None and rate:
+            duration = min(duration, max(min_duration_s, max_requests / rate))
+        return duration
 
     def describe(self) -> str:
         if self.spec is not None:
@@ -92,9 +98,17 @@ def run_point(
     drain_s: float = 120.0,
     max_requests: int | None = None,
     min_duration_s: float = 30.0,
+    warmup_frac: float = WARMUP_FRAC,
 ) -> dict[str, Any]:
+    """One simulation. A generated workload is measured over its arrival window minus the first `warmup_frac` (queues
+    and batches filling up); a trace over all its requests."""
     trace = source.at(rate, max_requests, min_duration_s)
-    summary = summarize(simulate(trace, spec, drain_s), slo, source.name)
+    result = simulate(trace, spec, drain_s)
+    if source.spec is not None:
+        duration = source.window(rate, max_requests, min_duration_s)
+        summary = summarize(result, slo, source.name, warmup_frac * duration, duration)
+    else:
+        summary = summarize(result, slo, source.name)
     summary["rate"] = rate if rate is not None else source.default_rate
     return summary
 
@@ -109,7 +123,7 @@ def max_rate(
     max_rate_rps: float = 2000.0,
     drain_s: float = 60.0,
     search_requests: int | None = 4000,
-    min_duration_s: float = 30.0,
+    min_duration_s: float = 60.0,
     on_point: Callable[[float, dict[str, Any]], None] | None = None,
 ) -> tuple[float, dict[str, Any] | None, dict[str, Any] | None]:
     """Highest request rate at which >= `attainment` of requests meet the SLO (bisection on the rate).

@@ -82,6 +82,21 @@ class WorkloadSpec:
     think_mean_s: float = 0.0  # exponential pause after an answer before the next turn
     slo_ttft_ms: float = 1000.0  # the SLO this workload is usually judged by (callers may override)
     slo_tpot_ms: float = 50.0
+    # schedule hint for later turns: a response takes about this long (the replay rule keeps the truth)
+    response_hint_s: float = 0.2
+    response_hint_per_token_s: float = 0.015
+
+    def response_hint(self, output_tokens: int) -> float:
+        return self.response_hint_s + self.response_hint_per_token_s * output_tokens
+
+    def warm_start_s(self) -> float:
+        """How long before time 0 conversations start so that the load is stationary from 0: the span of a
+        conversation with as many turns as 99 % of conversations have at most."""
+        if self.max_turns <= 1:
+            return 0.0
+        keep = 1.0 - 1.0 / max(1.0, self.mean_turns)
+        turns = self.max_turns if keep <= 0 else min(self.max_turns, math.ceil(math.log(0.01) / math.log(keep)))
+        return (turns - 1) * (self.think_mean_s + self.response_hint(int(self.output.mean())))
 
     def expected_turns(self) -> float:
         """E[turns] of the geometric-with-cap draw in `generate` (same rule as experiments.workloads)."""
@@ -168,9 +183,21 @@ def with_overrides(spec: WorkloadSpec, items: list[str]) -> WorkloadSpec:
 
 
 def generate(
-    spec: WorkloadSpec, rate: float | None = None, duration_s: float | None = None, seed: int = 0
+    spec: WorkloadSpec,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    seed: int = 0,
+    warm_start: bool = True,
 ) -> list[TraceRequest]:
-    """The trace of `spec` at `rate` requests/s (default spec.rate) for conversations starting in [0, duration)."""
+    """The trace of `spec` at `rate` requests/s (default spec.rate): every request that arrives in [0, duration).
+
+    Turn k of a conversation is scheduled at the previous turn's schedule + a response-time hint + its think time
+    (`arrival_s`), and keeps its `think_s`, so a replay issues it at max(arrival_s, previous answer + think_s): open
+    loop while the system keeps up, closed loop when it does not. With `warm_start` conversations also start before
+    time 0 (as far back as a long conversation lasts) and only their turns from time 0 on are kept, so the request
+    rate is stationary from the start instead of ramping up while multi-turn conversations accumulate. The first
+    kept turn of such a conversation carries its whole history in its prompt (cold cache, as after an eviction).
+    """
     rate = spec.rate if rate is None else rate
     duration_s = spec.duration_s if duration_s is None else duration_s
     if rate <= 0 or duration_s <= 0:
@@ -179,9 +206,10 @@ def generate(
     docs = _documents(spec, seed)
     starts = np.random.default_rng([seed, 1 << 20])
     out: list[TraceRequest] = []
-    t, i = 0.0, 0
+    t = -spec.warm_start_s() if warm_start else 0.0
+    i = 0
     while t < duration_s:
-        out.extend(_conversation(spec, seed, i, t, docs))
+        out.extend(_conversation(spec, seed, i, t, docs, duration_s))
         i += 1
         gap = starts.exponential(1.0) if spec.arrival == "poisson" else 1.0
         t += gap / conv_rate
@@ -195,7 +223,10 @@ def _documents(spec: WorkloadSpec, seed: int) -> list[int]:
     return [spec.context.sample(rng) for _ in range(spec.n_documents)]
 
 
-def _conversation(spec: WorkloadSpec, seed: int, i: int, start_s: float, docs: list[int]) -> list[TraceRequest]:
+def _conversation(
+    spec: WorkloadSpec, seed: int, i: int, start_s: float, docs: list[int], end_s: float
+) -> list[TraceRequest]:
+    """Conversation i's turns that arrive in [0, end_s) (its lengths depend on (seed, i) only)."""
     rng = np.random.default_rng([seed, i])
     n_turns = 1
     p_stop = 1.0 / max(1.0, spec.mean_turns)
@@ -214,14 +245,22 @@ def _conversation(spec: WorkloadSpec, seed: int, i: int, start_s: float, docs: l
             context = spec.context.sample(rng)
     history = spec.system_tokens + context
     out = []
+    at, last_answer = start_s, 0
     for k in range(n_turns):
         message = (spec.first_user if k == 0 else spec.user).sample(rng)
         answer = spec.output.sample(rng)
         think = float(rng.exponential(spec.think_mean_s)) if k > 0 and spec.think_mean_s > 0 else 0.0
+        if k > 0:
+            at += spec.response_hint(last_answer) + think
         prompt = history + message
+        history, last_answer = prompt + answer, answer
+        if at < 0.0:
+            continue  # before the trace starts: part of the kept turns' history
+        if at >= end_s:
+            break
         out.append(
             TraceRequest(
-                arrival_s=start_s,
+                arrival_s=at,
                 prompt_tokens=prompt,
                 output_tokens=answer,
                 conversation_id=conv_id,
@@ -231,5 +270,4 @@ def _conversation(spec: WorkloadSpec, seed: int, i: int, start_s: float, docs: l
                 prefix_tokens=prefix_tokens,
             )
         )
-        history = prompt + answer
     return out

@@ -26,6 +26,7 @@ L_VALUES = (512, 8192)
 REPETITIONS = 2  # the 2-core CI box adds tens of ms of host jitter per request: average it down
 OVERRIDES = ["prefill.0.gpu=h200", "decode.0.gpu=h20", "link.kind=rdma-100g"]
 MIN_GAP = 0.10  # points where the forced routes differ by more than this count
+MIN_GAP_MS = 15.0  # ... and by more than the 2-core box's host jitter per request (seen: +-10 ms at time_scale 1)
 MIN_ACCURACY = 0.90
 
 
@@ -71,7 +72,7 @@ def test_auto_picks_the_measured_faster_route(measured):
         faster = "prefill" if p_ms < d_ms else "decode"
         gap = abs(p_ms - d_ms) / min(p_ms, d_ms)
         autos = by_policy["auto"]
-        if gap > MIN_GAP:
+        if gap > MIN_GAP and abs(p_ms - d_ms) > MIN_GAP_MS:
             judged += len(autos)
             right += sum(a["route"] == faster for a in autos)
         picks = ", ".join(f"{a['route']} ({a['router']['reason']})" for a in autos)

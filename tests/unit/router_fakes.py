@@ -3,7 +3,7 @@
 It speaks the parts of the protocol the router uses (/generate streams with cumulative output_ids and meta_info,
 /abort_request, /health, /metrics, /server_info), pairs a P-route's prefill and decode halves by bootstrap_room, and
 records every request so tests can assert the exact JSON the router sent. Failure knobs per server: HTTP status,
-connect errors, delays before the first and between tokens.
+connect errors, a connection dropped mid-flight, delays before the first and between tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class FakeServer:
     url: str
     status: int = 200  # /generate answers this status (non-200 = failure with a JSON error)
     connect_error: bool = False  # every request fails to connect
+    kv_wait_s: float = 30.0  # a P-route decode half aborts itself (finish_reason abort) if no KV came by then
+    drop_after_s: float | None = None  # /generate streams break (connection lost) this long after they start
+    meta_ppd: dict[str, Any] = field(default_factory=dict)  # extra meta_info.ppd on the last chunk (e.g. time_scale)
     first_token_delay_s: float = 0.0
     token_delay_s: float = 0.0
     eos_after: int | None = None  # emit EOS (id 4) as token number eos_after (finish_reason stop)
@@ -111,6 +114,9 @@ class FakeCluster:
         tokens = expected_tokens(ids, n, int(sp.get("sampling_seed", 0)))
         server.running += 1
         try:
+            if server.drop_after_s is not None:
+                await asyncio.sleep(server.drop_after_s)
+                raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
             if server.role == "prefill":
                 await asyncio.sleep(server.first_token_delay_s)
                 self._room(body["bootstrap_room"]).set()
@@ -129,15 +135,16 @@ class FakeCluster:
             cached = min(server.cache.match(ids), len(ids) - 1) if local else 0
             if not local:  # P-route decode half: wait for the KV of the paired prefill half (or an abort)
                 room = self._room(body["bootstrap_room"])
-                done, _ = await asyncio.wait(
-                    [asyncio.ensure_future(room.wait()), asyncio.ensure_future(aborted.wait())],
-                    timeout=30,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                waits = [asyncio.ensure_future(room.wait()), asyncio.ensure_future(aborted.wait())]
+                await asyncio.wait(waits, timeout=server.kv_wait_s, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
                 if aborted.is_set():
                     return
-                if not room.is_set():
-                    yield _sse({"error": {"message": "KV transfer timed out"}})
+                if not room.is_set():  # like SGLang: the request ends with an abort, not an HTTP error
+                    reason = {"type": "abort", "message": "KV transfer timed out", "status_code": 500}
+                    yield _sse({"output_ids": [], "meta_info": {"completion_tokens": 0, "finish_reason": reason}})
+                    yield b"data: [DONE]\n\n"
                     return
             await asyncio.sleep(server.first_token_delay_s)
             out: list[int] = []
@@ -161,6 +168,8 @@ class FakeCluster:
                 }
                 if last:  # the scheduler caches the KV before the last chunk reaches the client
                     server.cache.insert(ids + out[:-1])
+                    if server.meta_ppd:
+                        meta["ppd"] = dict(server.meta_ppd)
                 yield _sse({"output_ids": list(out), "meta_info": meta})
                 if last:
                     break
@@ -187,6 +196,7 @@ def make_config(
     decode: int = 1,
     colocated: int = 0,
     context_length: int = 4096,
+    emulator: dict[str, Any] | None = None,
     **router: Any,
 ):
     """A StackConfig pointing at the fake servers (fast polls so health is known within milliseconds)."""
@@ -202,6 +212,7 @@ def make_config(
     data: dict[str, Any] = {
         "router": {"policy": policy, "health_interval_s": 0.05, "metrics_poll_interval_s": 0.05, **router},
         "model": {"context_length": context_length},
+        "emulator": emulator or {},
     }
     if colocated:
         data["mode"] = "colocated"

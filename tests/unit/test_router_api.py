@@ -178,7 +178,7 @@ async def test_malformed_json_and_bad_prompts(api):
     client, _ = api
     r = await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_openai_error(r, 400, "invalid_json")
-    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 99999]})
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 200000]})
     assert_openai_error(r, 400, "invalid_value", "prompt")
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]})
     assert_openai_error(r, 400, "unsupported", "prompt")

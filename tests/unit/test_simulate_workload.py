@@ -15,16 +15,33 @@ from ppd.simulate.workload import WORKLOADS, generate, with_overrides, workload
 
 def test_generation_is_seeded_and_shares_conversations_across_rates():
     spec = WORKLOADS["chat"]
-    a = generate(spec, rate=10, duration_s=60, seed=3)
-    assert a == generate(spec, rate=10, duration_s=60, seed=3)
-    assert a != generate(spec, rate=10, duration_s=60, seed=4)
-    # common random numbers: at twice the rate the first conversations are the same, started twice as densely
-    b = generate(spec, rate=20, duration_s=60, seed=3)
-    first_a, first_b = conversations(a), conversations(b)
-    for cid in list(first_a)[:20]:
-        ta, tb = first_a[cid], first_b[cid]
-        assert [(t.prompt_tokens, t.output_tokens) for t in ta] == [(t.prompt_tokens, t.output_tokens) for t in tb]
-        assert tb[0].arrival_s == pytest.approx(ta[0].arrival_s / 2)
+    a = generate(spec, rate=10, duration_s=300, seed=3)
+    assert a == generate(spec, rate=10, duration_s=300, seed=3)
+    assert a != generate(spec, rate=10, duration_s=300, seed=4)
+    # common random numbers: at twice the rate the same conversations start twice as densely (from -warm_start_s)
+    b = generate(spec, rate=20, duration_s=300, seed=3)
+    warm = spec.warm_start_s()
+    conv_a, conv_b = conversations(a), conversations(b)
+    common = [c for c in conv_a if c in conv_b and conv_a[c][0].turn == 0 and conv_b[c][0].turn == 0]
+    assert len(common) > 20
+    for cid in common:
+        ta, tb = conv_a[cid], conv_b[cid]
+        n = min(len(ta), len(tb))
+        assert [(t.prompt_tokens, t.output_tokens) for t in ta[:n]] == [
+            (t.prompt_tokens, t.output_tokens) for t in tb[:n]
+        ]
+        assert tb[0].arrival_s + warm == pytest.approx((ta[0].arrival_s + warm) / 2)
+
+
+def test_warm_start_makes_the_request_rate_stationary():
+    """Conversations already under way at time 0: as many requests in the first 20 s as in any later 20 s."""
+    trace = generate(WORKLOADS["chat"], rate=50, duration_s=120, seed=0)
+    counts = [sum(1 for r in trace if 20 * i <= r.arrival_s < 20 * (i + 1)) for i in range(6)]
+    assert min(counts) > 0.85 * max(counts)
+    assert any(
+        r.turn > 0 and r == min((x for x in trace if x.conversation_id == r.conversation_id), key=lambda x: x.turn)
+        for r in trace
+    )
 
 
 @pytest.mark.parametrize("name", ["chat", "rag", "long-output"])
