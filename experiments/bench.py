@@ -39,8 +39,11 @@ from typing import Any
 import numpy as np
 
 from experiments import metrics as M
-from experiments.client import make_client, model_id, stream_request
+from experiments.client import StreamResult, make_client, model_id, stream_request
 from experiments.workloads import WordTokens
+from ppd.config import StackConfig
+from ppd.simulate.cluster import ClusterSpec, SimResult, simulate
+from ppd.simulate.summary import timing as sim_timing
 from ppd.simulate.trace import TraceRequest, arrival_window_s, conversations
 from ppd.simulate.workload import WORKLOADS, WorkloadSpec, generate
 from ppd.tokenizer import HEADER, ChatTokenizer
@@ -97,8 +100,10 @@ class BenchSettings:
     light_output_tokens: int = 32
     heavy_output_tokens: int = 512
     multiturn_think_s: float = 1.0  # mean think time of the multi-turn cell (the chat preset's is 3 s)
-    slo_ttft_ms: float = 500.0
-    slo_tpot_ms: float = 30.0
+    # a tight interactive SLO for an 8B model on H200, DistServe-style (a few times the unloaded latency): TTFT ~4x
+    # an unloaded 2048-token prompt's (~65 ms), TPOT 3x an unloaded decode step (~5 ms)
+    slo_ttft_ms: float = 250.0
+    slo_tpot_ms: float = 15.0
     time_scale: float = 1.0
     seed: int = 0
 
@@ -249,9 +254,6 @@ async def send_trace(
     out: list[RequestRecord] = []
     t0 = time.perf_counter() + 0.05
 
-    def rel(t: float | None) -> float | None:
-        return None if t is None else (t - t0) / scale
-
     async def conversation(turns: list[TraceRequest]) -> None:
         history: list[dict[str, str]] = []
         prev: TraceRequest | None = None
@@ -276,27 +278,7 @@ async def send_trace(
             if policy:
                 headers["x-ppd-policy"] = policy
             res = await stream_request(client, url, body, headers, chat=True)
-            timing = M.RequestTiming(sched, tuple(res.token_times_s), res.n_tokens, res.end_s) if res.ok else None
-            m = M.request_metrics(timing, scale) if timing else M.RequestMetrics(math.nan, math.nan, math.nan, 0)
-            usage = res.usage or {}
-            rec = RequestRecord(
-                tr.conversation_id,
-                tr.turn,
-                (sched - t0) / scale,
-                (res.arrival_s - sched) * 1e3 / scale,
-                m.ttft_ms,
-                m.tpot_ms,
-                m.e2e_ms,
-                m.n_tokens,
-                expected,
-                usage.get("prompt_tokens"),
-                (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
-                res.route,
-                rel(res.token_times_s[0]) if res.token_times_s else None,
-                rel(res.token_times_s[-1]) if res.token_times_s else None,
-                res.ok,
-                None if res.ok else (res.error or f"HTTP {res.status}")[:300],
-            )
+            rec = record_of(tr, expected, sched, t0, res, scale)
             out.append(rec)
             if on_done is not None:
                 on_done(rec)
@@ -309,6 +291,38 @@ async def send_trace(
 
     await asyncio.gather(*(conversation(turns) for turns in conversations(trace).values()))
     return out
+
+
+def record_of(
+    tr: TraceRequest, expected_prompt_tokens: int, sched: float, t0: float, res: StreamResult, time_scale: float
+) -> RequestRecord:
+    """One request's record from its client-side timestamps (perf_counter seconds): TTFT/TPOT/E2E by
+    experiments.metrics, measured from the scheduled issue time `sched`; times relative to the run's start `t0`."""
+    scale = time_scale
+    if res.ok:
+        m = M.request_metrics(M.RequestTiming(sched, tuple(res.token_times_s), res.n_tokens, res.end_s), scale)
+    else:
+        m = M.RequestMetrics(math.nan, math.nan, math.nan, 0)
+    usage = res.usage or {}
+    times = res.token_times_s
+    return RequestRecord(
+        tr.conversation_id,
+        tr.turn,
+        (sched - t0) / scale,
+        (res.arrival_s - sched) * 1e3 / scale,
+        m.ttft_ms,
+        m.tpot_ms,
+        m.e2e_ms,
+        m.n_tokens,
+        expected_prompt_tokens,
+        usage.get("prompt_tokens"),
+        (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        res.route,
+        (times[0] - t0) / scale if times else None,
+        (times[-1] - t0) / scale if times else None,
+        res.ok,
+        None if res.ok else (res.error or f"HTTP {res.status}")[:300],
+    )
 
 
 def _unsent(tr: TraceRequest, why: str) -> RequestRecord:
@@ -372,6 +386,7 @@ class BenchDoc:
     runs: list[dict[str, Any]] = field(default_factory=list)
     requests: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     stacks: dict[str, Any] = field(default_factory=dict)
+    backend: str = "emulated"  # emulated: real processes on loopback; simulated: ppd.simulate on the same traces
     start_time: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
     end_time: str | None = None
 
@@ -379,6 +394,7 @@ class BenchDoc:
         return _clean(
             {
                 "command": self.command,
+                "backend": self.backend,
                 "start_time": self.start_time,
                 "end_time": self.end_time,
                 "machine": machine(),
@@ -450,28 +466,113 @@ async def run_stack(
                     recs = await send_trace(client, url, model, trace, texts, nonce, system.policy, scale)
                     wall = time.perf_counter() - t_wall
                     summ = summarize(recs, s.slo, window)
-                    key = f"{system.label}/{cell_name}/{rate:g}"
-                    doc.runs.append(
-                        {
-                            "system": system.label,
-                            "mode": system.mode,
-                            "policy": system.policy,
-                            "cell": cell_name,
-                            "rate": rate,
-                            "wall_s": round(wall, 2),
-                            "loadavg_1m": [load0, os.getloadavg()[0] if load0 is not None else None],
-                            **summ,
-                        }
-                    )
-                    doc.requests[key] = [asdict(r) for r in recs]
-                    echo(
-                        f"{key:28s} ok {summ['ok']}/{summ['requests']}  TTFT p50/p99 "
-                        f"{summ['ttft_p50_ms']:.0f}/{summ['ttft_p99_ms']:.0f} ms  TPOT p50/p99 "
-                        f"{summ['tpot_p50_ms']:.1f}/{summ['tpot_p99_ms']:.1f} ms  goodput {summ['goodput_rps']:.2f} "
-                        f"req/s ({wall:.0f} s wall)"
-                    )
+                    load1 = os.getloadavg()[0] if load0 is not None else None
+                    _add_run(doc, system, cell_name, rate, summ, wall, [load0, load1], echo)
+                    doc.requests[f"{system.label}/{cell_name}/{rate:g}"] = [asdict(r) for r in recs]
                     save()
                     await asyncio.sleep(0.3 * scale)  # let the router's load view settle between runs
+
+
+def cluster_spec(cfg: StackConfig, policy: str | None) -> ClusterSpec:
+    """The simulated twin of a stack config: same servers, GPU, model, link, chunk size, KV pool, admission limit and
+    routing policy; `link_sharing="none"` because each emulated KV move takes its own link time."""
+    serving = cfg.decode or cfg.colocated
+    return ClusterSpec(
+        prefill=len(cfg.prefill),
+        decode=len(cfg.decode),
+        colocated=len(cfg.colocated),
+        model=cfg.model.spec,
+        gpu=serving[0].gpu,
+        prefill_gpu=cfg.prefill[0].gpu if cfg.prefill else None,
+        link=cfg.link.kind,
+        link_gbytes_per_s=cfg.link.gbytes_per_s,
+        link_sharing="none",
+        chunk_size=cfg.emulator.chunk_size,
+        max_running_requests=cfg.emulator.max_running_requests,
+        kv_capacity_tokens=cfg.emulator.kv_capacity_tokens,
+        mem_fraction_static=cfg.emulator.mem_fraction_static,
+        max_inflight_per_backend=cfg.router.max_inflight_per_backend,
+        policy=policy or "prefill",
+        policy_params=dict(cfg.router.policy_params),
+    )
+
+
+def sim_records(result: SimResult) -> list[RequestRecord]:
+    """A simulation's requests as bench records (same metric code: experiments.metrics via RequestTiming)."""
+    out = []
+    for r in result.requests:
+        m = M.request_metrics(sim_timing(r))
+        t = r.trace
+        done = r.done
+        out.append(
+            RequestRecord(
+                t.conversation_id,
+                t.turn,
+                r.issue_s,
+                0.0,
+                m.ttft_ms,
+                m.tpot_ms,
+                m.e2e_ms,
+                m.n_tokens if done else 0,
+                t.prompt_tokens,
+                t.prompt_tokens,
+                r.cached_tokens,
+                r.route or None,
+                r.first_token_s if done else None,
+                r.last_token_s if done else None,
+                done,
+                None if done else (r.failed or "not finished"),
+            )
+        )
+    return out
+
+
+def run_simulated(
+    doc: BenchDoc, cfgs: dict[str, StackConfig], echo: Callable[[str], None], save: Callable[[], None]
+) -> None:
+    """The same matrix on `ppd simulate` (no processes): same traces, same summaries, any rate in seconds."""
+    s = doc.settings
+    systems = systems_for(s.modes, s.policies)
+    for cell_name in s.cells:
+        for rate in s.rates:
+            trace = bench_trace(s, cell_name, rate)
+            window = run_window_s(trace, s.duration_s)
+            for system in systems:
+                t = time.perf_counter()
+                result = simulate(trace, cluster_spec(cfgs[system.mode], system.policy), drain_s=600.0)
+                summ = summarize(sim_records(result), s.slo, window)
+                _add_run(doc, system, cell_name, rate, summ, time.perf_counter() - t, None, echo)
+                save()
+
+
+def _add_run(
+    doc: BenchDoc,
+    system: System,
+    cell: str,
+    rate: float,
+    summ: dict[str, Any],
+    wall_s: float,
+    loadavg: list[float | None] | None,
+    echo: Callable[[str], None],
+) -> None:
+    key = f"{system.label}/{cell}/{rate:g}"
+    doc.runs.append(
+        {
+            "system": system.label,
+            "mode": system.mode,
+            "policy": system.policy,
+            "cell": cell,
+            "rate": rate,
+            "wall_s": round(wall_s, 2),
+            "loadavg_1m": loadavg,
+            **summ,
+        }
+    )
+    echo(
+        f"{key:28s} ok {summ['ok']}/{summ['requests']}  TTFT p50/p99 {summ['ttft_p50_ms']:.0f}/"
+        f"{summ['ttft_p99_ms']:.0f} ms  TPOT p50/p99 {summ['tpot_p50_ms']:.1f}/{summ['tpot_p99_ms']:.1f} ms  "
+        f"goodput {summ['goodput_rps']:.2f} req/s ({wall_s:.0f} s wall)"
+    )
 
 
 def write_outputs(doc: BenchDoc, out_dir: pathlib.Path, name: str) -> list[pathlib.Path]:

@@ -75,9 +75,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slo-tpot-ms", type=float, default=d.slo_tpot_ms)
     p.add_argument("--gpu", help="emulated GPU of every server in both stacks (ppd.specs.GPUS; default the configs')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for both stacks")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run the same matrix on `ppd simulate` (the configs' hardware, same traces and metrics; no processes)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output-dir", default=str(DEFAULT_OUTPUT))
-    p.add_argument("--name", default="bench", help="file name stem of the outputs (default %(default)s)")
+    p.add_argument("--name", help="file name stem of the outputs (default bench, or bench-simulated)")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     p.set_defaults(func=main)
     return p
@@ -138,16 +143,22 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as err:
         print(f"ppd bench: {err}", file=sys.stderr)
         return 2
-    doc = B.BenchDoc(settings, command, configs)
+    doc = B.BenchDoc(settings, command, configs, backend="simulated" if args.simulate else "emulated")
+    name = args.name or ("bench-simulated" if args.simulate else "bench")
     any_cfg = next(iter(cfgs.values()))
     kinds = sorted({s.gpu for c in cfgs.values() for s in c.servers})
     doc.stacks["hardware"] = f"{max(gpus.values())} x emulated {'/'.join(kinds)}, {any_cfg.model.spec}"
     out_dir = pathlib.Path(args.output_dir)
 
     def save() -> None:
-        B.write_outputs(doc, out_dir, args.name)
+        B.write_outputs(doc, out_dir, name)
 
     systems = B.systems_for(settings.modes, settings.policies)
+    if args.simulate:
+        B.run_simulated(doc, cfgs, echo, save)
+        doc.end_time = datetime.datetime.now().isoformat(timespec="seconds")
+        print(f"wrote {', '.join(str(p) for p in B.write_outputs(doc, out_dir, name))}")
+        return 0
     try:
         for mode, cfg_path in configs.items():
             sets = list(args.set) + gpu_overrides(cfg_path, args.gpu, list(args.set))
@@ -166,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
         save()
         return 2
     doc.end_time = datetime.datetime.now().isoformat(timespec="seconds")
-    paths = B.write_outputs(doc, out_dir, args.name)
+    paths = B.write_outputs(doc, out_dir, name)
     errors = sum(r["errors"] for r in doc.runs)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     if errors:

@@ -72,9 +72,16 @@ def detail_table(doc: dict[str, Any], cell: str) -> list[str]:
 def bench_markdown(doc: dict[str, Any], name: str) -> str:
     st = doc["settings"]
     mach = doc["machine"]
+    backend = doc.get("backend", "emulated")
+    what = (
+        "simulated by `ppd simulate` (SimPy, roofline) on the same traces"
+        if backend == "simulated"
+        else "emulated stacks (real processes on loopback)"
+    )
     lines = [
         f"# `ppd bench` — {name}",
         "",
+        f"- backend: {what}",
         f"- command: `{doc['command']}`",
         f"- run: {doc['start_time']} .. {doc.get('end_time') or '(running)'} on {mach['host']} ({mach['cpus']} CPUs, "
         f"load average at the end {mach.get('loadavg')}); emulated GPUs: {doc['stacks'].get('hardware', '?')}",
@@ -128,6 +135,8 @@ def bench_plot(doc: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
             axes[i][1].plot(x, y("tpot_p50_ms"), "o-", color=color, label=f"{s} p50")
             axes[i][1].plot(x, y("tpot_p99_ms"), "o--", color=color, alpha=0.6, label=f"{s} p99")
             axes[i][2].plot(x, y("goodput_rps"), "o-", color=color, label=s)
+        for ax in axes[i]:
+            ax.set_ylim(bottom=0)
         st = doc["settings"]
         axes[i][0].axhline(st["slo_ttft_ms"], color="k", ls=":", lw=0.8)
         axes[i][1].axhline(st["slo_tpot_ms"], color="k", ls=":", lw=0.8)
@@ -141,7 +150,9 @@ def bench_plot(doc: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         if i == 0:
             axes[i][0].legend(fontsize=7)
             axes[i][2].legend(fontsize=7)
-    fig.suptitle(f"ppd bench: {doc['stacks'].get('hardware', '')} (SLO dotted)", fontsize=10)
+    fig.suptitle(
+        f"ppd bench ({doc.get('backend', 'emulated')}): {doc['stacks'].get('hardware', '')} (SLO dotted)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

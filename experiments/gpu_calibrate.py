@@ -62,7 +62,9 @@ def observations(doc: dict[str, Any], warmups: bool = False, background_streams:
         )
         w = r.get("warmup") or {}
         if warmups and w.get("route") == "prefill" and w.get("ttft_ms"):
-            out.append(Observation(Route.PREFILL, L, 0, 0, 1, float(w["ttft_ms"]), None, float(w["ttft_ms"]), 0, 0, 0, 0))
+            out.append(
+                Observation(Route.PREFILL, L, 0, 0, 1, float(w["ttft_ms"]), None, float(w["ttft_ms"]), 0, 0, 0, 0)
+            )
     return out
 
 

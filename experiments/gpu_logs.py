@@ -19,6 +19,7 @@ the same prompt length.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import csv
 import datetime
@@ -42,12 +43,15 @@ KEY_PATTERNS = (
 )
 NOISE = ("FastAPIDeprecationWarning", "from sglang.srt.utils.json_response")
 _KEY_RE = re.compile("|".join(KEY_PATTERNS))
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 _TS_RE = re.compile(r"^\[\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d)\] ")
 _DECODE_BATCH_RE = re.compile(
     r"Decode batch, #running-req: (\d+), #token: (\d+), token usage: ([\d.]+), pre-allocated usage: ([\d.]+), "
     r"#prealloc-req: (\d+), #transfer-req: (\d+), #retracted-req: (\d+).*#queue-req: (\d+)"
 )
-_REQ_RE = re.compile(r"rid=(\w+), bootstrap_room=\d+, input len=(\d+), output len=(\d+), type=(\w+)\): (.*)start=([\d.]+)")
+_REQ_RE = re.compile(
+    r"rid=(\w+), bootstrap_room=\d+, input len=(\d+), output len=(\d+), type=(\w+)\): (.*)start=([\d.]+)"
+)
 _DUR_RE = re.compile(r"(\w+)[=(]([\d.]+)ms")
 _XFER_RE = re.compile(r"transfer_speed=([\d.]+)GB/s, transfer_total=([\d.]+)MB")
 _DECISION_RE = re.compile(r"^(\S+ \S+) INFO router\.routing: decision route=(\w+) policy=(\w+) .* L=(\d+) m=(\d+)")
@@ -64,7 +68,7 @@ def key_lines(lines: Iterable[str], max_len: int = 400) -> list[str]:
     """The lines worth keeping, in order, each repeated message once with its count (first occurrence shown)."""
     kept: dict[str, list] = {}
     for line in lines:
-        line = line.rstrip("\n")
+        line = _ANSI_RE.sub("", line.rstrip("\n"))
         if not _KEY_RE.search(line) or any(n in line for n in NOISE):
             continue
         k = _norm(line)
@@ -178,11 +182,12 @@ def clock_offset(decs: Sequence[Decision], prefill: Sequence[ReqStats], window_s
     by_len: dict[int, list[float]] = collections.defaultdict(list)
     for r in prefill:
         by_len[r.input_len].append(r.start)
-    cands = [[d.wall_s - s for s in by_len.get(d.prompt_tokens, ())] for d in decs if d.route == "prefill"]
+    # appends (a cached prefix) only: their prompt lengths are nearly unique, unlike the background streams'
+    cands = [[d.wall_s - s for s in by_len.get(d.prompt_tokens, ())] for d in decs if d.route == "prefill" and d.cached]
     cands = [sorted(c) for c in cands if c]
     best, best_n = 0.0, -1
     for o in sorted({v for c in cands for v in c}):
-        n = sum(any(o <= v <= o + window_s for v in c) for c in cands)
+        n = sum(bisect.bisect_right(c, o + window_s) > bisect.bisect_left(c, o) for c in cands)
         if n > best_n:
             best, best_n = o + window_s, n
     return best
@@ -199,7 +204,9 @@ def p_route_rows(decs: Sequence[Decision], prefill: Sequence[ReqStats], decode: 
     for d in decs:
         if d.route != "prefill":
             continue
-        cands = [(r.start - (d.wall_s - off), r) for r in free.get(d.prompt_tokens, ()) if r.start - (d.wall_s - off) > -0.05]
+        cands = [
+            (r.start - (d.wall_s - off), r) for r in free.get(d.prompt_tokens, ()) if r.start - (d.wall_s - off) > -0.05
+        ]
         if not cands:
             continue
         lag, p = min(cands, key=lambda c: c[0])
@@ -276,19 +283,54 @@ def transfer_by_phase(
 
 
 def phases_from_results(results: pathlib.Path) -> tuple[list[Phase], dict[str, int]]:
-    """One phase per sweep / replay output under `results` (their own start and end times)."""
+    """One phase per sweep / replay output under `results`, named by its folder (their own start and end times)."""
     phases, skip = [], {}
-    for path in sorted(results.glob("*/*.json")):
+    for path in sorted(results.rglob("*.json")):
         doc = json.loads(path.read_text())
-        if "start_time" not in doc or "end_time" not in doc:
+        if not isinstance(doc, dict) or "start_time" not in doc or "end_time" not in doc:
             continue
-        name = path.parent.name
+        name = path.parent.relative_to(results).as_posix()
         hms = [datetime.datetime.fromisoformat(doc[k]).strftime("%H:%M:%S") for k in ("start_time", "end_time")]
         phases.append(Phase(name, *hms))
         st = (doc.get("config") or {}).get("settings") or {}
         if any(n > 0 for n in st.get("background_streams") or ()):
             skip[name] = int(st.get("bg_prompt_tokens") or 0)
     return sorted(phases, key=lambda p: p.start), skip
+
+
+def sweep_p_route(doc: dict[str, Any], rows: Sequence[dict[str, Any]], phase: Phase) -> list[dict[str, Any]]:
+    """The sweep's measured P-route appends with the servers' view of them: a record is paired with the router
+    decision of the same policy and (cached, appended) tokens inside the sweep's window, in order of load level."""
+    by_key: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        if phase.holds(r["time"]) and r["cached"]:
+            by_key[(r["policy"], r["cached"], r["append"])].append(r)
+    recs = [r for r in doc["results"] if r.get("ok") and r.get("route") == "prefill"]
+    recs.sort(key=lambda r: (r["test_case"].get("background_streams", 0), r["test_case"]["context_length"]))
+    out = []
+    for r in recs:
+        tc, m, ro = r["test_case"], r["metrics"], r.get("router") or {}
+        key = (r["policy"], int(ro.get("decode_cached_tokens") or 0), int(ro.get("append_tokens") or 0))
+        srv = by_key[key].pop(0) if by_key.get(key) else {}
+        lag, ready = srv.get("recv_lag_ms"), srv.get("d_kv_ready_ms")
+        rt = m.get("router_ttft_ms")
+        out.append(
+            {
+                "N": tc.get("background_streams", 0),
+                "L": tc["context_length"],
+                "m": tc["append_length"],
+                "policy": r["policy"],
+                "ttft_ms": round(m["ttft_ms"], 1),
+                "router_ttft_ms": round(rt, 1) if rt is not None else None,
+                "recv_lag_ms": lag,
+                "p_forward_and_transfer_ms": srv.get("p_forward_and_transfer_ms"),
+                "transfer_ms": srv.get("transfer_ms"),
+                "d_kv_ready_ms": ready,
+                "rest_ms": round(rt - lag - ready, 1) if None not in (rt, lag, ready) else None,
+                "time": srv.get("time"),
+            }
+        )
+    return out
 
 
 def md_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -343,6 +385,18 @@ def cmd_timings(args: argparse.Namespace) -> int:
         "once. prefilled_tokens_at_end: tokens the prefill server had prefilled since its start (its KV pool holds "
         "788,603).\n\n" + md_table(by_phase)
     )
+    for p in phases:
+        doc_path = pathlib.Path(args.results) / p.name / "sweep.json"
+        if doc_path.exists() and any(p.holds(r["time"]) for r in rows):
+            table = sweep_p_route(json.loads(doc_path.read_text()), rows, p)
+            (out / f"{p.name.replace('/', '-')}_p_route.md").write_text(
+                f"P-route appends of `{p.name}` ({p.start}-{p.end}) with the servers' view. ttft_ms: client; "
+                "router_ttft_ms: the router's; recv_lag_ms: router decision to the prefill scheduler's receipt; "
+                "p_forward_and_transfer_ms: prefill server, forward start to KV transfer done; transfer_ms: its "
+                "transfer part; d_kv_ready_ms: decode server, arrival to KV in place (prealloc + transfer wait + "
+                "queue); rest_ms = router TTFT - lag - KV ready (first decode step, streaming path).\n\n"
+                + md_table(table)
+            )
     print(f"{len(rows)} P-route requests -> {out / 'p_route_requests.csv'}; {len(by_phase)} phases")
     print(md_table(by_phase))
     return 0

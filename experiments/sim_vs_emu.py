@@ -35,7 +35,7 @@ from experiments import stack as S
 from experiments.client import make_client, model_id
 from launch.supervisor import LaunchError
 from ppd.config import REPO_ROOT, StackConfig, load_config
-from ppd.simulate.cluster import ClusterSpec, simulate
+from ppd.simulate.cluster import simulate
 from ppd.simulate.summary import summarize as sim_summarize
 from ppd.simulate.trace import TraceRequest, arrival_window_s, write_trace
 from ppd.simulate.workload import generate, workload
@@ -76,29 +76,6 @@ def parse_rows(text: str) -> list[Row]:
         workload(wl)  # KeyError names the known presets
         rows.append(Row(stack, wl, float(rate)))
     return rows
-
-
-def cluster_spec(cfg: StackConfig, policy: str) -> ClusterSpec:
-    """The simulated twin of an emulated stack config."""
-    serving = cfg.decode or cfg.colocated
-    return ClusterSpec(
-        prefill=len(cfg.prefill),
-        decode=len(cfg.decode),
-        colocated=len(cfg.colocated),
-        model=cfg.model.spec,
-        gpu=serving[0].gpu,
-        prefill_gpu=cfg.prefill[0].gpu if cfg.prefill else None,
-        link=cfg.link.kind,
-        link_gbytes_per_s=cfg.link.gbytes_per_s,
-        link_sharing="none",  # the emulator: every move takes its own link time, none waits for another
-        chunk_size=cfg.emulator.chunk_size,
-        max_running_requests=cfg.emulator.max_running_requests,
-        kv_capacity_tokens=cfg.emulator.kv_capacity_tokens,
-        mem_fraction_static=cfg.emulator.mem_fraction_static,
-        max_inflight_per_backend=cfg.router.max_inflight_per_backend,
-        policy=policy,
-        policy_params=dict(cfg.router.policy_params),
-    )
 
 
 def as_sent(trace: list[TraceRequest], records: list[B.RequestRecord]) -> list[TraceRequest]:
@@ -166,7 +143,7 @@ async def run_rows(
             emu = B.summarize(recs, slo, window)
             sent = as_sent(trace, recs)
             t = time.perf_counter()
-            result = simulate(sent, cluster_spec(cfg, policy or "prefill"), drain_s=600.0)
+            result = simulate(sent, B.cluster_spec(cfg, policy or "prefill"), drain_s=600.0)
             sim = sim_summarize(result, slo, row.workload)
             cmp_ = compare(row, emu, sim)
             cmp_.update(

@@ -353,7 +353,7 @@ async def _start(
             raise
         rid = uuid.uuid4().hex
         body = protocol.generate_body(prompt_ids, sampling, stream=True, rid=rid)
-        call = RouteCall(state.client, plan, body, state.timeouts)
+        call = RouteCall(state.client, plan, body, state.timeouts, on_prefill_done=state.router.release_prefill)
         gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0)
         try:
             await until_disconnect(request, gen.prime())
@@ -368,8 +368,8 @@ async def _start(
             if not isinstance(exc, Exception):
                 raise
             err = error_from(exc)
-            retry = _retry_after(state, plan, exc) if attempt == 0 else None
-            if retry is None:
+            retry = _retry_after(state, plan, exc)  # also marks a server that failed as down
+            if retry is None or attempt > 0:
                 state.metrics.requests.labels(
                     endpoint, plan.route.value, "timeout" if err.status == 504 else "backend_error"
                 ).inc()

@@ -3,6 +3,8 @@
 - P-route: exactly sglang-router's mini_lb: one /generate body with bootstrap_host/port/room, POSTed concurrently to
   the prefill and the decode server; tokens stream from the decode server. If the prefill half fails, the decode half
   is aborted (/abort_request) at once: otherwise the decode server holds the slot until its 300 s bootstrap timeout.
+  The failure surfaces as `PrefillFailed` (also when the decode half's own abort came a moment before it), which the
+  app answers with a D-route retry when it can (router/app.py).
 - D-route: the decode server only, marked as a local append (protocol.local_append).
 - colocated: a plain /generate to one normal server.
 
@@ -18,7 +20,7 @@ import contextlib
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -105,8 +107,16 @@ async def _guarded(aw: Awaitable[T], guard: asyncio.Task | None, deadline: float
 class RouteCall:
     """One in-flight backend generation of a `RoutePlan`."""
 
-    def __init__(self, client: SGLangClient, plan: RoutePlan, body: dict[str, Any], timeouts: Timeouts):
+    def __init__(
+        self,
+        client: SGLangClient,
+        plan: RoutePlan,
+        body: dict[str, Any],
+        timeouts: Timeouts,
+        on_prefill_done: Callable[[RoutePlan], None] | None = None,
+    ):
         self.client = client
+        self.on_prefill_done = on_prefill_done  # frees the prefill server's admission slot once its half is over
         self.plan = plan
         self.body = backend_body(plan, body)
         self.rid: str = self.body["rid"]
@@ -127,6 +137,8 @@ class RouteCall:
                 err.url, err.message, status=err.status, connect=err.connect, dropped=err.dropped
             ) from err
         self.prefill_out = out
+        if self.on_prefill_done is not None:
+            self.on_prefill_done(self.plan)
         return out
 
     def _abort(self, include_decode: bool, include_prefill: bool) -> None:

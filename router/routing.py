@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CONVERSATION_MEMORY = 65536  # conversations whose last route and decode server are remembered (LRU)
 PREFILL_FAILED_RETRY = "prefill-failed-retry"  # decision reason of a D-route retry after a failed P-route
+NO_LOCAL_APPEND = "no-local-append"  # the policy said D, but the decode servers run stock SGLang (no extension)
 
 
 def usable_prefix(matched: int, prompt_tokens: int) -> int:
@@ -70,6 +71,7 @@ class RoutePlan:
     conversation: str | None = None
     retry_of: dict[str, Any] | None = None  # the failed first attempt this plan retries (route, server, error)
     released: bool = field(default=False, repr=False)
+    prefill_released: bool = field(default=False, repr=False)
 
     @property
     def route(self) -> Route:
@@ -309,6 +311,9 @@ class Router:
                 previous_route=prev_route,
             )
             decision = policy.decide(x)
+            if decision.route is Route.DECODE and not self.d_route_possible and prefill is not None and prefill.usable:
+                # stock SGLang decode server (no ppd.sglang.ext): it cannot append locally, whatever the policy says
+                decision = dataclasses.replace(decision, route=Route.PREFILL, reason=NO_LOCAL_APPEND)
             if retry is not None and retry.prefill_failed and decision.route is Route.DECODE:
                 decision = dataclasses.replace(
                     decision,
@@ -356,12 +361,25 @@ class Router:
             self.metrics.inflight.labels(b.name).set(b.inflight)
         plan.decode.index.lock(plan.prompt_ids[: plan.decode_cached_tokens])
 
+    def release_prefill(self, plan: RoutePlan) -> None:
+        """The prefill half is done (its KV left): its server's slot frees now, not when decoding ends. Otherwise
+        every decoding P-route stream would count as queued work on the prefill server (a phantom queue in T_P)."""
+        b = plan.prefill
+        if b is None or plan.released or plan.prefill_released:
+            return
+        plan.prefill_released = True
+        b.inflight -= 1
+        b.inflight_tokens -= plan.prompt_tokens
+        self.metrics.inflight.labels(b.name).set(b.inflight)
+
     def release(self, plan: RoutePlan) -> None:
         if plan.released:
             return
         plan.released = True
         plan.decode.index.lock(plan.prompt_ids[: plan.decode_cached_tokens], delta=-1)
         for b in plan.backends:
+            if b is plan.prefill and plan.prefill_released:
+                continue
             b.inflight -= 1
             b.inflight_tokens -= plan.prompt_tokens
             self.metrics.inflight.labels(b.name).set(b.inflight)

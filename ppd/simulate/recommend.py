@@ -38,6 +38,7 @@ _BOUND_WORDS = {
     "tpot": "decode-bound (TPOT: decode batches too large or stalled by prefills)",
     "link": "link-bound (KV transfers queue on the link)",
     "prefill": "prefill-bound (prefill compute alone exceeds the TTFT SLO)",
+    "rejected": "admission-bound (requests rejected at the router's in-flight limit per server, or never served)",
     "none": "not saturated",
 }
 
@@ -251,10 +252,12 @@ def _reasoning(
         o = best.over
         bd = o["ttft_breakdown_missed_ms"] if o["ttft_miss_frac"] > 0 else o["ttft_breakdown_ms"]
         who = "of the requests missing TTFT" if o["ttft_miss_frac"] > 0 else "of all requests"
+        parts = ", ".join(f"{k} {v:.0f} ms" for k, v in bd.items() if v >= 0.5)
+        lost = o["rejected_frac"] + o["unfinished_frac"]
         lines.append(
             f"past that rate it is {_words(best.spec, o['bottleneck'])}: "
-            f"{o['ttft_miss_frac']:.0%} miss TTFT, {o['tpot_miss_frac']:.0%} miss TPOT; mean TTFT {who}: "
-            + ", ".join(f"{k} {v:.0f} ms" for k, v in bd.items() if v >= 0.5)
+            f"{o['ttft_miss_frac']:.0%} miss TTFT ({lost:.0%} rejected or unserved), {o['tpot_miss_frac']:.0%} miss "
+            f"TPOT" + (f"; mean TTFT {who}: {parts}" if parts else "")
         )
     # neighbours: one GPU moved from decode to prefill, or back
     by_ratio = {(c.spec.prefill, c.spec.decode, c.spec.colocated): c for c in results}

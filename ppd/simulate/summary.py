@@ -73,6 +73,8 @@ def bottleneck(summary: dict[str, Any]) -> str:
         return "none"
     if summary["tpot_miss_frac"] > summary["ttft_miss_frac"]:
         return "tpot"
+    if summary["rejected_frac"] + summary["unfinished_frac"] > summary["ttft_miss_frac"] / 2:
+        return "rejected"
     parts = {
         k: v for k, v in summary["ttft_breakdown_ms"].items() if k in ("admission", "prefill_queue", "link", "landing")
     }
@@ -146,6 +148,8 @@ def summarize(
         "requests_simulated": len(result.requests),
         "completed": len(done),
         "failed": sum(1 for r in reqs if r.failed),
+        "rejected_frac": sum(1 for r in reqs if r.failed.startswith("rejected")) / n,
+        "unfinished_frac": sum(1 for r in reqs if not r.done and not r.failed) / n,
         "duration_s": window,
         "makespan_s": end,
         "offered_rps": len(reqs) / window,

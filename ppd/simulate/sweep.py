@@ -40,7 +40,7 @@ class WorkloadSource:
         return Slo(1000.0, 50.0)
 
     def at(
-        self, rate: float | None = None, max_requests: int | None = None, min_duration_s: float = 30.0
+        self, rate: float | None = None, max_requests: int | None = None, min_duration_s: float = 60.0
     ) -> list[TraceRequest]:
         """The trace at `rate`; `max_requests` shortens a generated workload to about that many requests (but at
         least `min_duration_s` of arrivals), which keeps rate searches at high rates affordable."""
@@ -50,7 +50,7 @@ class WorkloadSource:
             return list(self.trace)
         return scale_time(self.trace, self.default_rate / rate)
 
-    def window(self, rate: float | None, max_requests: int | None = None, min_duration_s: float = 30.0) -> float:
+    def window(self, rate: float | None, max_requests: int | None = None, min_duration_s: float = 60.0) -> float:
         """Arrival window of the generated trace at `rate` (see `at`)."""
         duration = self.duration_s
         if max_requests is not None and rate:
@@ -97,7 +97,7 @@ def run_point(
     rate: float | None = None,
     drain_s: float = 120.0,
     max_requests: int | None = None,
-    min_duration_s: float = 30.0,
+    min_duration_s: float = 60.0,
     warmup_frac: float = WARMUP_FRAC,
 ) -> dict[str, Any]:
     """One simulation. A generated workload is measured over its arrival window minus the first `warmup_frac` (queues

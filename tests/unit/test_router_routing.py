@@ -4,6 +4,7 @@ control, failover, policy overrides and observations, calibration persistence.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -249,3 +250,35 @@ async def test_calibration_persisted(tmp_path):
         assert app.state.ppd.router.default_policy.restored == {"observations": 41}
         await client.post("/v1/chat/completions", json=chat([{"role": "user", "content": "x"}]))
     assert json.loads(path.read_text()) == {"observations": 1}  # saved at shutdown
+
+
+async def test_prefill_slot_frees_when_its_half_is_done_not_when_decoding_ends():
+    """A decoding P-route stream must not count as queued work on the prefill server (a phantom queue in T_P)."""
+    cfg, cluster = make_config("prefill")
+    cluster.servers[D_URL].token_delay_s = 0.05  # decoding lasts ~0.5 s, the prefill half returns at once
+    async with running_router(cfg, cluster) as (app, client):
+        task = asyncio.create_task(
+            client.post("/v1/chat/completions", json=chat([{"role": "user", "content": "hi"}], 10))
+        )
+        pool = app.state.ppd.pool
+        for _ in range(200):  # until the decode half streams: the prefill half is over by then
+            if cluster.servers[D_URL].served_tokens >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        assert pool.prefill[0].inflight == 0
+        assert pool.decode[0].inflight == 1
+        r = await task
+        assert r.status_code == 200 and r.headers["x-ppd-route"] == "prefill"
+        assert pool.prefill[0].inflight == 0 and pool.decode[0].inflight == 0
+
+
+async def test_stock_sglang_decode_never_gets_a_local_append():
+    """Real SGLang without ppd.sglang.ext cannot append on the decode server: a D decision becomes the P-route."""
+    cfg, cluster = make_config("decode")
+    cfg = dataclasses.replace(cfg, backend="sglang")
+    async with running_router(cfg, cluster) as (_, client):
+        r = await client.post("/v1/chat/completions", json=chat([{"role": "user", "content": "hi"}]))
+        assert r.status_code == 200
+        assert r.headers["x-ppd-route"] == "prefill"
+        assert r.headers["x-ppd-reason"] == "no-local-append"

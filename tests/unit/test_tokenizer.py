@@ -68,3 +68,30 @@ def test_model_directory_with_own_template(tmp_path):
     tok = ChatTokenizer.load(str(tmp_path))
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
     assert tok.decode(ids) == "[user]hi"
+
+
+def test_batched_encoding_matches_piece_by_piece():
+    """encode_chat encodes its pieces in one encode_batch call (it releases the GIL); the ids are what encoding each
+    piece on its own gives, remembered assistant ids included."""
+    tok = ChatTokenizer.load()
+    raw = tok._tok
+    text = "Long context, über alles; 12345 tokens?! " * 200
+    assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids
+    tok.remember_output("Sure.", [100, 101, 102])
+    messages = [
+        {"role": "system", "content": "  Be brief.  "},
+        {"role": "user", "content": text},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "assistant", "content": "Not remembered."},
+        {"role": "user", "content": ""},
+    ]
+    expected = [tok.bos_id]
+    for m in messages:
+        expected += raw.encode(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", add_special_tokens=False).ids
+        if m["content"] == "Sure.":
+            expected += [100, 101, 102]
+        else:
+            expected += raw.encode(m["content"].strip(), add_special_tokens=False).ids
+        expected += [tok.eot_id]
+    expected += raw.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).ids
+    assert tok.encode_chat(messages) == expected
