@@ -15,8 +15,10 @@ is issued at its arrival time, turn k at max(arrival, previous answer's end + th
 
 Metrics are experiments.metrics, the same code for every mode: TTFT = first token - scheduled issue time (open loop:
 client lag counts against the system under test, and is reported as `send_lag_ms`), TPOT = (last - first) /
-(tokens - 1); goodput = requests meeting both SLOs per second of the trace's arrival window (ppd.simulate's
-denominator, DistServe-style); decode tokens/s = answer tokens / makespan. All times are emulated: wall / time_scale.
+(tokens - 1); goodput = requests meeting both SLOs per second of the run's arrival window (`duration_s`: every
+request of a cell's trace arrives in [0, duration_s); DistServe-style goodput = SLO attainment x offered rate);
+decode tokens/s = answer tokens / makespan. All times are emulated: wall / time_scale. Each emulated run also carries
+the simulator's prediction for the same trace (`sim`), a check on the machine running the emulation.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from experiments.workloads import WordTokens
 from ppd.config import StackConfig
 from ppd.simulate.cluster import ClusterSpec, SimResult, simulate
 from ppd.simulate.summary import timing as sim_timing
-from ppd.simulate.trace import TraceRequest, arrival_window_s, conversations
+from ppd.simulate.trace import TraceRequest, conversations
 from ppd.simulate.workload import WORKLOADS, WorkloadSpec, generate
 from ppd.tokenizer import HEADER, ChatTokenizer
 
@@ -368,11 +370,6 @@ def summarize(records: Sequence[RequestRecord], slo: M.Slo, window_s: float) -> 
     }
 
 
-def run_window_s(trace: Sequence[TraceRequest], duration_s: float) -> float:
-    """Goodput's denominator: the arrival window (ppd.simulate's), or the configured duration for a tiny trace."""
-    return arrival_window_s(trace) or duration_s
-
-
 # --- the run ---
 
 
@@ -447,9 +444,11 @@ async def run_stack(
     texts: ChatTexts,
     echo: Callable[[str], None],
     save: Callable[[], None],
+    cfg: StackConfig | None = None,
 ) -> None:
     """Every (cell, rate) for the systems sharing one stack; systems interleaved per (cell, rate), so slow drift of
-    the machine's background load affects them alike."""
+    the machine's background load affects them alike. With the stack's config, each run also gets the simulator's
+    prediction for the same trace (`sim`): where the two part, the CPU running the emulation is the likely cause."""
     s = doc.settings
     scale = s.time_scale
     async with make_client() as client:
@@ -458,14 +457,14 @@ async def run_stack(
         for cell_name in s.cells:
             for rate in s.rates:
                 trace = bench_trace(s, cell_name, rate)
-                window = run_window_s(trace, s.duration_s)
                 for system in systems:
                     nonce = f"{system.label}-{cell_name}-{rate:g}-{s.seed}-{random.getrandbits(32):08x}"
                     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                     t_wall = time.perf_counter()
                     recs = await send_trace(client, url, model, trace, texts, nonce, system.policy, scale)
                     wall = time.perf_counter() - t_wall
-                    summ = summarize(recs, s.slo, window)
+                    summ = summarize(recs, s.slo, s.duration_s)
+                    summ["sim"] = _sim_reference(trace, cfg, system, s)
                     load1 = os.getloadavg()[0] if load0 is not None else None
                     _add_run(doc, system, cell_name, rate, summ, wall, [load0, load1], echo)
                     doc.requests[f"{system.label}/{cell_name}/{rate:g}"] = [asdict(r) for r in recs]
@@ -536,13 +535,22 @@ def run_simulated(
     for cell_name in s.cells:
         for rate in s.rates:
             trace = bench_trace(s, cell_name, rate)
-            window = run_window_s(trace, s.duration_s)
             for system in systems:
                 t = time.perf_counter()
                 result = simulate(trace, cluster_spec(cfgs[system.mode], system.policy), drain_s=600.0)
-                summ = summarize(sim_records(result), s.slo, window)
+                summ = summarize(sim_records(result), s.slo, s.duration_s)
                 _add_run(doc, system, cell_name, rate, summ, time.perf_counter() - t, None, echo)
                 save()
+
+
+def _sim_reference(
+    trace: Sequence[TraceRequest], cfg: StackConfig | None, system: System, s: BenchSettings
+) -> dict[str, Any] | None:
+    if cfg is None or cfg.backend != "emulated":
+        return None
+    summ = summarize(sim_records(simulate(trace, cluster_spec(cfg, system.policy), drain_s=600.0)), s.slo, s.duration_s)
+    keys = ("goodput_rps", "slo_attainment", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+    return {k: summ[k] for k in keys}
 
 
 def _add_run(

@@ -170,7 +170,8 @@ def main(args: argparse.Namespace) -> int:
                     "servers": gpus[mode],
                 }
                 here = [s for s in systems if s.mode == mode]
-                asyncio.run(B.run_stack(doc, target.router_url, here, texts, echo, save))
+                cfg = load_config(cfg_path, target.overrides)
+                asyncio.run(B.run_stack(doc, target.router_url, here, texts, echo, save, cfg))
     except (ValueError, LaunchError, RuntimeError) as err:
         print(f"ppd bench: {err}", file=sys.stderr)
         doc.end_time = datetime.datetime.now().isoformat(timespec="seconds")

@@ -53,18 +53,25 @@ def pivot_table(doc: dict[str, Any]) -> list[str]:
 def detail_table(doc: dict[str, Any], cell: str) -> list[str]:
     lines = [
         "| rate | system | ok/total | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | decode tok/s | goodput req/s "
-        "| SLO met | cache hit | routes | send lag p99 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SLO met | cache hit | routes | send lag p99 | sim: TTFT p50/p99, TPOT p50/p99, goodput |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {s: i for i, s in enumerate(_system_order(doc))}
     for r in sorted(_runs(doc, cell), key=lambda x: (x["rate"], order.get(x["system"], 99))):
         routes = ", ".join(f"{k} {100 * v:.0f}%" for k, v in (r.get("route_share") or {}).items())
         att = r["slo_attainment"]
+        sim = r.get("sim")
+        sim_text = (
+            f"{_f(sim['ttft_p50_ms'])}/{_f(sim['ttft_p99_ms'])}, {_f(sim['tpot_p50_ms'], 1)}/{_f(sim['tpot_p99_ms'], 1)}, "
+            f"{_f(sim['goodput_rps'], 2)}"
+            if sim
+            else "—"
+        )
         lines.append(
             f"| {r['rate']:g} | {r['system']} | {r['ok']}/{r['requests']} | {_f(r['ttft_p50_ms'])} "
             f"| {_f(r['ttft_p99_ms'])} | {_f(r['tpot_p50_ms'], 1)} | {_f(r['tpot_p99_ms'], 1)} "
             f"| {_f(r['decode_tokens_per_s'])} | {_f(r['goodput_rps'], 2)} | {_f(100 * att if att is not None else None)}% "
-            f"| {_f(100 * (r.get('cache_hit_frac') or 0))}% | {routes} | {_f(r.get('send_lag_p99_ms'), 1)} |"
+            f"| {_f(100 * (r.get('cache_hit_frac') or 0))}% | {routes} | {_f(r.get('send_lag_p99_ms'), 1)} | {sim_text} |"
         )
     return lines
 
@@ -90,7 +97,7 @@ def bench_markdown(doc: dict[str, Any], name: str) -> str:
         f"Poisson arrivals per run; time_scale {st['time_scale']:g} (every time is emulated: wall / time_scale); "
         f"seed {st['seed']}",
         "- TTFT = first token - scheduled issue time; TPOT = (last - first) / (tokens - 1) (experiments/metrics.py, "
-        "the same code for every system); goodput = requests meeting both SLOs / arrival window; decode tok/s = "
+        "the same code for every system); goodput = requests meeting both SLOs / seconds of arrivals; decode tok/s = "
         "answer tokens / makespan",
         "- cells: " + "; ".join(f"{k}: {v}" for k, v in doc["cells"].items()),
         "- systems: colocated = normal servers doing prefill and decode (same GPU count); pd-prefill = disaggregated, "

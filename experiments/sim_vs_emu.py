@@ -8,8 +8,8 @@ Each row is (stack, workload preset of ppd/simulate/workload.py, request rate). 
 prompt and answer lengths, turns, think times, shared prefixes) is sent to the emulated stack by experiments.bench
 (token-exact chat messages, the trace's issue-time rule) and simulated by ppd.simulate with the same hardware, chunk
 size, KV pool and routing policy as the stack's config, and `link_sharing="none"` (each emulated KV move takes its
-own link time). Both sides are summarised by experiments.metrics with the same denominator (the trace's arrival
-window), so goodput and p50 TTFT are compared like for like; the table gives the % difference (sim - emu) / emu and
+own link time). Both sides are summarised by the same code (experiments.bench.summarize over experiments.metrics)
+with the same denominator (the seconds of arrivals), so goodput and p50 TTFT are compared like for like; the table gives the % difference (sim - emu) / emu and
 flags rows outside the target (15 %). Output: <out-dir>/sim_vs_emu.json (.md, .png).
 """
 
@@ -37,7 +37,7 @@ from launch.supervisor import LaunchError
 from ppd.config import REPO_ROOT, StackConfig, load_config
 from ppd.simulate.cluster import simulate
 from ppd.simulate.summary import summarize as sim_summarize
-from ppd.simulate.trace import TraceRequest, arrival_window_s, write_trace
+from ppd.simulate.trace import TraceRequest, write_trace
 from ppd.simulate.workload import generate, workload
 from ppd.tokenizer import ChatTokenizer
 
@@ -90,30 +90,25 @@ def pct(sim: float | None, emu: float | None) -> float:
     return (sim - emu) / emu
 
 
-def compare(row: Row, emu: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
+KEYS = ("goodput_rps", "slo_attainment", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "errors")
+
+
+def compare(row: Row, emu: dict[str, Any], sim: dict[str, Any], sim_detail: dict[str, Any]) -> dict[str, Any]:
+    """`emu` and `sim`: experiments.bench.summarize of the two runs (the same code and window); `sim_detail`:
+    ppd.simulate's own summary (ratio, bottleneck, busy fractions) for the explanation."""
     out = {
         "row": row.label,
         "stack": row.stack,
-        "ratio": sim["ratio"],
+        "ratio": sim_detail["ratio"],
         "workload": row.workload,
         "rate": row.rate,
         "requests": emu["requests"],
-        "emu": {
-            "goodput_rps": emu["goodput_rps"],
-            "slo_attainment": emu["slo_attainment"],
-            "ttft_p50_ms": emu["ttft_p50_ms"],
-            "ttft_p99_ms": emu["ttft_p99_ms"],
-            "tpot_p50_ms": emu["tpot_p50_ms"],
-            "errors": emu["errors"],
-        },
+        "emu": {k: emu[k] for k in KEYS},
         "sim": {
-            "goodput_rps": sim["goodput_rps"],
-            "slo_attainment": sim["slo_attainment"],
-            "ttft_p50_ms": sim["ttft_ms"]["p50"],
-            "ttft_p99_ms": sim["ttft_ms"]["p99"],
-            "tpot_p50_ms": sim["tpot_ms"]["p50"],
-            "bottleneck": sim["bottleneck"],
-            "busy_frac": sim["busy_frac"],
+            **{k: sim[k] for k in KEYS},
+            "bottleneck": sim_detail["bottleneck"],
+            "busy_frac": sim_detail["busy_frac"],
+            "ttft_breakdown_ms": sim_detail["ttft_breakdown_ms"],
         },
     }
     out["diff"] = {k: pct(out["sim"][k], out["emu"][k]) for k in ("goodput_rps", "ttft_p50_ms", "tpot_p50_ms")}
@@ -135,22 +130,21 @@ async def run_rows(
             spec = workload(row.workload)
             trace = generate(spec, row.rate, args.duration_s, args.seed)
             slo = M.Slo(args.slo_ttft_ms or spec.slo_ttft_ms, args.slo_tpot_ms or spec.slo_tpot_ms)
-            window = arrival_window_s(trace) or args.duration_s
             nonce = f"sve-{row.label}-{args.seed}-{random.getrandbits(32):08x}"
             t = time.perf_counter()
             recs = await B.send_trace(client, url, model, trace, texts, nonce, sys_.policy, args.time_scale)
             wall = time.perf_counter() - t
-            emu = B.summarize(recs, slo, window)
+            emu = B.summarize(recs, slo, args.duration_s)
             sent = as_sent(trace, recs)
             t = time.perf_counter()
-            result = simulate(sent, B.cluster_spec(cfg, policy or "prefill"), drain_s=600.0)
-            sim = sim_summarize(result, slo, row.workload)
-            cmp_ = compare(row, emu, sim)
+            result = simulate(sent, B.cluster_spec(cfg, policy), drain_s=600.0)
+            sim = B.summarize(B.sim_records(result), slo, args.duration_s)
+            cmp_ = compare(row, emu, sim, sim_summarize(result, slo, row.workload))
             cmp_.update(
                 {
                     "slo": dataclasses.asdict(slo),
                     "policy": sys_.label,
-                    "window_s": window,
+                    "window_s": args.duration_s,
                     "wall_s": {"emulated": round(wall, 1), "simulated": round(time.perf_counter() - t, 2)},
                     "send_lag_p99_ms": emu["send_lag_p99_ms"],
                     "prompt_length_mismatches": emu["prompt_length_mismatches"],
@@ -161,7 +155,7 @@ async def run_rows(
             echo(
                 f"{row.label:20s} goodput emu {emu['goodput_rps']:.2f} sim {sim['goodput_rps']:.2f} "
                 f"({100 * d['goodput_rps']:+.0f}%)  TTFT p50 emu {emu['ttft_p50_ms']:.0f} sim "
-                f"{sim['ttft_ms']['p50']:.0f} ({100 * d['ttft_p50_ms']:+.0f}%)  [{wall:.0f} s wall]"
+                f"{sim['ttft_p50_ms']:.0f} ({100 * d['ttft_p50_ms']:+.0f}%)  [{wall:.0f} s wall]"
             )
             if args.keep_traces:
                 write_trace(sent, pathlib.Path(args.out_dir) / f"trace_{row.stack}_{row.workload}_{row.rate:g}.jsonl")
@@ -183,7 +177,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"load average {doc['machine']['loadavg']}); emulated H200s + Llama-3-8B, time_scale {doc['time_scale']:g} "
         "(emulated = wall / time_scale)",
         f"- {doc['duration_s']:g} s of arrivals per row, seed {doc['seed']}, policy {doc['policy'] or 'colocated'}; "
-        "goodput = requests meeting the SLO / arrival window (both sides); target |diff| <= "
+        "goodput = requests meeting the SLO / seconds of arrivals (both sides, experiments.bench.summarize); target |diff| <= "
         f"{100 * TARGET:.0f}% on goodput and p50 TTFT",
         "",
         "| row | P:D | requests | SLO ms (TTFT/TPOT) | goodput emu | goodput sim | diff | TTFT p50 emu | TTFT p50 sim "

@@ -228,10 +228,10 @@ def test_sim_vs_emu_helpers():
     with pytest.raises(KeyError):
         parse_rows("1p1d:nope:4")
     assert pct(1.1, 1.0) == pytest.approx(0.1) and math.isnan(pct(1.0, 0.0))
-    emu = {"requests": 10, "goodput_rps": 2.0, "slo_attainment": 1.0, "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0}
-    emu |= {"tpot_p50_ms": 5.0, "errors": 0}
-    sim = {"ratio": "1:1", "goodput_rps": 1.8, "slo_attainment": 0.9, "bottleneck": "none", "busy_frac": {}}
-    sim |= {"ttft_ms": {"p50": 120.0, "p99": 150.0}, "tpot_ms": {"p50": 5.0}}
-    c = compare(rows[0], emu, sim)
+    base = {"errors": 0, "tpot_p99_ms": 6.0, "ttft_p99_ms": 200.0, "tpot_p50_ms": 5.0}
+    emu = {**base, "requests": 10, "goodput_rps": 2.0, "slo_attainment": 1.0, "ttft_p50_ms": 100.0}
+    sim = {**base, "requests": 10, "goodput_rps": 1.8, "slo_attainment": 0.9, "ttft_p50_ms": 120.0}
+    detail = {"ratio": "1:1", "bottleneck": "none", "busy_frac": {}, "ttft_breakdown_ms": {}}
+    c = compare(rows[0], emu, sim, detail)
     assert c["diff"]["goodput_rps"] == pytest.approx(-0.1) and c["diff"]["ttft_p50_ms"] == pytest.approx(0.2)
     assert not c["within_target"]  # 20 % off on TTFT

@@ -70,3 +70,22 @@ def test_cli_table_and_json(capsys):
     assert out["input"]["gpu"] == "h20" and out["total_gpus"] == out["decode_gpus"] + out["prefill_gpus"]
     assert main(["plan", "--gpu", "nope"]) == 2
     assert "unknown GPU" in capsys.readouterr().err
+
+
+def test_plan_workload_needs_gpus(capsys):
+    from ppd.cli import main
+
+    assert main(["plan", "--workload", "chat"]) == 2
+    assert "--workload and --gpus go together" in capsys.readouterr().err
+
+
+def test_plan_recommends_a_ratio_with_reasoning(capsys):
+    """`ppd plan --workload ... --gpus N` goes through the cluster simulator and names a P:D split (0:N = colocated)."""
+    from ppd.cli import main
+
+    assert main(["plan", "--workload", "rag", "--gpus", "2", "--policy", "prefill", "--rate", "4", "--json"]) == 0
+    import json
+
+    rec = json.loads(capsys.readouterr().out)
+    text = json.dumps(rec)
+    assert any(r in text for r in ('"0:2"', '"1:1"')), text[:500]
