@@ -1,7 +1,7 @@
 """`ppd bench`: split vs colocated on the same GPUs — the light/heavy prefill x decode matrix and a multi-turn cell at
 several request rates, for colocated servers, SGLang-style PD (always P-route) and PD with `auto` (experiments/bench.py).
 
-    ppd bench                                            # everything, defaults below (~15 min on a 2-core CPU box)
+    ppd bench                         # everything: 5 cells x rates 1,2,4 x 3 systems, time_scale 2 (~15 min, 2 cores)
     ppd bench --config configs/local.yaml --mode colocated,disaggregated --policies prefill,auto \\
         --cells light-light,light-heavy,heavy-light,heavy-heavy,multiturn --rates 1,2,4 --duration-s 30 --time-scale 2
 
@@ -64,7 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--time-scale",
         type=float,
-        help="emulator.time_scale for both stacks (default: the config's); results are wall / time_scale",
+        help=f"emulator.time_scale for both stacks (default {d.time_scale:g}); results are wall / time_scale",
     )
     p.add_argument("--light-prompt-tokens", type=int, default=d.light_prompt_tokens)
     p.add_argument("--heavy-prompt-tokens", type=int, default=d.heavy_prompt_tokens)
@@ -130,7 +130,11 @@ def main(args: argparse.Namespace) -> int:
     configs = {"disaggregated": args.config, "colocated": args.colocated_config}
     try:
         base = load_config(args.config, list(args.set))
-        time_scale = args.time_scale or base.emulator.time_scale
+        time_scale = args.time_scale or B.BenchSettings().time_scale
+        if base.backend != "emulated":  # real GPUs run in real time
+            if args.time_scale not in (None, 1.0):
+                raise ValueError("--time-scale applies to emulated stacks only")
+            time_scale = 1.0
         settings = settings_from(args, time_scale)
         configs = {m: configs[m] for m in settings.modes}
         cfgs = {
@@ -147,7 +151,8 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or ("bench-simulated" if args.simulate else "bench")
     any_cfg = next(iter(cfgs.values()))
     kinds = sorted({s.gpu for c in cfgs.values() for s in c.servers})
-    doc.stacks["hardware"] = f"{max(gpus.values())} x emulated {'/'.join(kinds)}, {any_cfg.model.spec}"
+    how = "simulated" if args.simulate else ("emulated" if base.backend == "emulated" else "real")
+    doc.stacks["hardware"] = f"{max(gpus.values())} x {how} {'/'.join(kinds)}, {any_cfg.model.spec}"
     out_dir = pathlib.Path(args.output_dir)
 
     def save() -> None:

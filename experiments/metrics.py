@@ -137,6 +137,19 @@ def gaps_within_ms(
     ]
 
 
+def pace_ms(gaps: Sequence[float], clip: float = 2.2) -> float:
+    """A stream's undisturbed time per chunk: the mean gap, each gap clipped to `clip` x the median.
+
+    The mean, not the median, because chunks are not always tokens (a token whose bytes do not decode to text yet
+    arrives with the next one, a 2-step gap); the clip, because one disturbance in the window (another request's KV
+    landing, a client hiccup) must not set the baseline. NaN for no gaps.
+    """
+    med = percentile(gaps, 50)
+    if math.isnan(med):
+        return math.nan
+    return mean(min(g, clip * med) for g in gaps)
+
+
 def stream_delay_ms(
     token_times_s: Sequence[float], start_s: float, end_s: float, baseline_tpot_ms: float, time_scale: float = 1.0
 ) -> float:

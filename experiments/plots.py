@@ -220,6 +220,7 @@ def replay_plots(
                 ax.plot(vals, np.arange(1, vals.size + 1) / vals.size, label=p, color=COLORS.get(p))
     for ax, key, slo in zip(axes[:2], ("TTFT", "TPOT"), ("slo_ttft_ms", "slo_tpot_ms"), strict=True):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{key} (emulated ms)")
         ax.set_ylabel("fraction of requests")
         if summary.get(slo):

@@ -3,8 +3,8 @@
 Each conversation starts at its scheduled time and sends its turns in order through /v1/chat/completions (streaming,
 the full history each time, the previous answers as the router returned them, so the router finds the cached
 prefix); between turns the user "thinks" for the turn's think time. All conversations run concurrently. Every policy
-replays the same workload with a different nonce at the start of the system message, so no policy profits from
-another's cached prefixes. Times (arrivals, think times, SLOs, results) are emulated time: wall / time_scale.
+replays the same workload with a different nonce at the start of the system message (fresh per run), so no policy
+profits from another's cached prefixes, nor from an earlier run's. Times (arrivals, think times, SLOs, results) are emulated time: wall / time_scale.
 """
 
 from __future__ import annotations
@@ -144,7 +144,11 @@ async def replay_policy(
     desc: str,
     progress: bool,
 ) -> tuple[dict[str, Any], list[RequestRecord]]:
-    nonce = f"{policy}-{s.seed}-{random.Random(f'{desc}-{policy}-{s.seed}').getrandbits(40):010x}"
+    # a fresh salt per run as well: an earlier replay on the same long-lived servers must not pre-warm these prompts
+    # (seen on 2xH200: the same seed's prompts replayed at a second rate were all cached); --seed still fixes the
+    # workload's shape (lengths, arrivals, think times), which is what makes runs comparable
+    salt = random.SystemRandom().getrandbits(32)
+    nonce = f"{policy}-{s.seed}-{random.Random(f'{desc}-{policy}-{s.seed}').getrandbits(40):010x}-{salt:08x}"
     out: list[RequestRecord] = []
     total = sum(len(c.turns) for c in convs)
     with tqdm(total=total, desc=f"{desc} {policy}", disable=not progress, unit="req", dynamic_ncols=True) as bar:

@@ -8,6 +8,8 @@ import pathlib
 import shlex
 import sys
 
+import httpx
+
 from experiments import stack as S
 from experiments import workloads as W
 from experiments.sweep import POLICIES
@@ -134,4 +136,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"ppd replay: {err}", file=sys.stderr)
         return 2
+    except (httpx.HTTPError, RuntimeError, OSError) as err:  # router unreachable, stack failed to start (LaunchError)
+        print(f"ppd replay: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0

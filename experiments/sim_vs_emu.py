@@ -1,8 +1,8 @@
 """The simulator checked against the emulated stack (issue 12): the same trace through real processes on loopback and
 through `ppd.simulate`, side by side.
 
-    python -m experiments.sim_vs_emu                       # default rows (1P1D and 2P2D; chat and RAG), ~10 min
-    python -m experiments.sim_vs_emu --rows 1p1d:chat:4,2p2d:rag:6 --duration-s 20 --time-scale 3
+    python -m experiments.sim_vs_emu         # default rows: 1P1D, 2P2D (and 0:2) x chat, RAG; ~20 min on 2 cores
+    python -m experiments.sim_vs_emu --rows 1p1d:chat:4,2p2d:rag:6 --duration-s 20 --time-scale 4
 
 Each row is (stack, workload preset of ppd/simulate/workload.py, request rate). Its trace (fixed seed: arrivals,
 prompt and answer lengths, turns, think times, shared prefixes) is sent to the emulated stack by experiments.bench
@@ -46,7 +46,7 @@ STACKS = {
     "2p2d": "configs/local-2p2d.yaml",
     "colocated2": "configs/local-colocated.yaml",
 }
-DEFAULT_ROWS = "1p1d:chat:6,1p1d:rag:3,2p2d:chat:12,2p2d:rag:6"
+DEFAULT_ROWS = "1p1d:chat:8,1p1d:rag:3,1p1d:rag:4,2p2d:chat:16,2p2d:rag:6,2p2d:rag:8,colocated2:chat:8,colocated2:rag:3"
 TARGET = 0.15
 DEFAULT_OUT = REPO_ROOT / "results" / "sim-vs-emu"
 
@@ -180,14 +180,14 @@ def markdown(doc: dict[str, Any]) -> str:
         "goodput = requests meeting the SLO / seconds of arrivals (both sides, experiments.bench.summarize); target |diff| <= "
         f"{100 * TARGET:.0f}% on goodput and p50 TTFT",
         "",
-        "| row | P:D | requests | SLO ms (TTFT/TPOT) | goodput emu | goodput sim | diff | TTFT p50 emu | TTFT p50 sim "
+        "| row | P:D, routing | requests | SLO ms (TTFT/TPOT) | goodput emu | goodput sim | diff | TTFT p50 emu | TTFT p50 sim "
         "| diff | TPOT p50 emu / sim | SLO met emu / sim | sim bottleneck | within 15% |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         e, s, d = r["emu"], r["sim"], r["diff"]
         lines.append(
-            f"| {r['row']} | {r['ratio']} | {r['requests']} | {r['slo']['ttft_ms']:g}/{r['slo']['tpot_ms']:g} "
+            f"| {r['row']} | {r['ratio']} {r['policy']} | {r['requests']} | {r['slo']['ttft_ms']:g}/{r['slo']['tpot_ms']:g} "
             f"| {_f(e['goodput_rps'], 2)} | {_f(s['goodput_rps'], 2)} | {_f(d['goodput_rps'], 0, True)} "
             f"| {_f(e['ttft_p50_ms'])} | {_f(s['ttft_p50_ms'])} | {_f(d['ttft_p50_ms'], 0, True)} "
             f"| {_f(e['tpot_p50_ms'], 1)} / {_f(s['tpot_p50_ms'], 1)} "
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"STACK:WORKLOAD:RATE,... (default {DEFAULT_ROWS})")
     p.add_argument("--policy", default="prefill", help="routing policy of the disaggregated stacks (default prefill)")
-    p.add_argument("--duration-s", type=float, default=20.0, help="seconds of arrivals per row (emulated)")
-    p.add_argument("--time-scale", type=float, default=3.0, help="emulator.time_scale (default %(default)s)")
+    p.add_argument("--duration-s", type=float, default=15.0, help="seconds of arrivals per row (emulated)")
+    p.add_argument("--time-scale", type=float, default=8.0, help="emulator.time_scale (default %(default)s)")
     p.add_argument("--slo-ttft-ms", type=float, help="default: the workload preset's")
     p.add_argument("--slo-tpot-ms", type=float, help="default: the workload preset's")
     p.add_argument("--seed", type=int, default=0)

@@ -171,7 +171,7 @@ def background_metrics(
     for times in pool.times:
         b = M.gaps_within_ms(times, before_start, send, scale)
         before_gaps += b
-        baseline = M.mean(b)  # the comparator of stream_delay_ms: k gaps at the mean pace (the median would bias it)
+        baseline = M.pace_ms(b)  # the comparator of stream_delay_ms: k chunks at the undisturbed pace
         during_gaps += M.gaps_in_window_ms(times, send, first, scale)
         delays.append(M.stream_delay_ms(times, send, first, baseline, scale))
     valid = [d for d in delays if not math.isnan(d)]

@@ -8,6 +8,8 @@ import pathlib
 import shlex
 import sys
 
+import httpx
+
 from experiments import stack as S
 from experiments.sweep import L_FULL, L_MINIMAL, L_VALIDATE, M_FULL, M_MINIMAL, M_VALIDATE, POLICIES, SweepSettings
 
@@ -62,7 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--background-streams", type=int_list, default=(0,), help="load levels N, e.g. 0,8,32,128")
     p.add_argument("--bg-prompt-tokens", type=int, default=2048)
     p.add_argument("--bg-output-tokens", type=int, default=1024)
-    p.add_argument("--bg-before-tokens", type=int, default=16, help="background tokens in the 'before' window")
+    p.add_argument("--bg-before-tokens", type=int, default=32, help="background tokens in the 'before' window")
     p.add_argument("--bg-max-points", type=int, help="at N > 0 measure only this many grid points (even subset)")
     p.add_argument("--cost-weight", type=float, default=1.0, help="weight of the background streams' extra wait")
     p.add_argument("--warmup-policy", default="prefill", help="policy of the warm-up turn that caches the history")
@@ -155,4 +157,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"ppd sweep: {err}", file=sys.stderr)
         return 2
+    except (httpx.HTTPError, RuntimeError, OSError) as err:  # router unreachable, stack failed to start (LaunchError)
+        print(f"ppd sweep: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -32,6 +32,8 @@ def test_small_bench_both_modes(tmp_path):
         "4",
         "--duration-s",
         "2",
+        "--time-scale",
+        "1",
         "--light-output-tokens",
         "8",
         "--output-dir",

@@ -92,3 +92,11 @@ def test_stream_delay_is_stall_beyond_baseline():
     assert M.stream_delay_ms(jitter, 0.005, 0.035, baseline_tpot_ms=10.0) == pytest.approx(0.0, abs=1e-9)
     # a stream that does not span the window: undefined
     assert math.isnan(M.stream_delay_ms(times, -1.0, 0.05, 10.0))
+
+
+def test_pace_is_a_clipped_mean():
+    # steady 10 ms steps, one 20 ms gap (a token without text: two steps in one chunk), one 60 ms disturbance
+    gaps = [10.0] * 14 + [20.0, 60.0]
+    assert M.pace_ms(gaps) == pytest.approx((14 * 10 + 20 + 22) / 16)  # 60 clipped to 2.2 x median
+    assert M.pace_ms([10.0, 20.0]) == pytest.approx(15.0)  # nothing to clip
+    assert math.isnan(M.pace_ms([]))

@@ -108,3 +108,19 @@ def test_outputs_written(tmp_path):
     assert len(rows) == 8 and rows[0]["ttft_ms"]
     md = (tmp_path / "sweep.md").read_text()
     assert "mean regret %" in md and "| 32 | auto |" in md
+
+
+def test_regret_by_route_pools_measurements_of_the_same_route():
+    # the forced prefill sample was unlucky (150), auto took the same P-route and measured 90: by route both cost 120
+    rs = [
+        rec(32, 512, 2048, "prefill", 150.0),
+        rec(32, 512, 2048, "decode", 100.0, bg_extra=200.0),
+        rec(32, 512, 2048, "auto", 90.0, route="prefill"),
+    ]
+    measured = R.regret_table(rs, 1.0)["32"]
+    assert measured["auto"]["mean_ms"] == pytest.approx(90.0 - 150.0)  # negative: beat the forced sample by luck
+    by_route = R.regret_table(rs, 1.0, by="route")["32"]
+    assert by_route["_oracle"]["mean_cost_ms"] == pytest.approx(120.0)
+    assert by_route["auto"]["mean_ms"] == pytest.approx(0.0)
+    assert by_route["decode"]["mean_ms"] == pytest.approx(300.0 - 120.0)
+    assert by_route["decode"]["total_pct"] == pytest.approx(150.0)
