@@ -158,7 +158,10 @@ async def run_rows(
                 f"{sim['ttft_p50_ms']:.0f} ({100 * d['ttft_p50_ms']:+.0f}%)  [{wall:.0f} s wall]"
             )
             if args.keep_traces:
-                write_trace(sent, pathlib.Path(args.out_dir) / f"trace_{row.stack}_{row.workload}_{row.rate:g}.jsonl")
+                stem = f"trace_{row.stack}_{row.workload}_{row.rate:g}" + (
+                    f"_{policy}" if policy not in (None, "prefill") else ""
+                )
+                write_trace(sent, pathlib.Path(args.out_dir) / f"{stem}.jsonl")
     return out
 
 
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-ms", type=float, help="default: the workload preset's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    p.add_argument("--name", default="sim_vs_emu", help="file name stem of the outputs (default %(default)s)")
     p.add_argument("--keep-traces", action="store_true", help="write each row's trace (JSONL) to the out dir")
     args = p.parse_args(argv)
     command = "python -m experiments.sim_vs_emu " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -265,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     doc["end_time"] = datetime.datetime.now().isoformat(timespec="seconds")
     doc["machine"] = B.machine()
     doc = B._clean(doc)
-    (out_dir / "sim_vs_emu.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out_dir / "sim_vs_emu.md").write_text(markdown(doc))
-    plot(doc, out_dir / "sim_vs_emu.png")
+    (out_dir / f"{args.name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out_dir / f"{args.name}.md").write_text(markdown(doc))
+    plot(doc, out_dir / f"{args.name}.png")
     print(markdown(doc))
-    print(f"wrote {out_dir}/sim_vs_emu.json (.md, .png)")
+    print(f"wrote {out_dir}/{args.name}.json (.md, .png)")
     return 0
 
 
