@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import pathlib
 import shlex
 import sys
@@ -84,6 +85,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=str(DEFAULT_OUTPUT))
     p.add_argument("--name", help="file name stem of the outputs (default bench, or bench-simulated)")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild <name>.md and .png from <output-dir>/<name>.json"
+    )
     p.set_defaults(func=main)
     return p
 
@@ -124,7 +128,27 @@ def settings_from(args: argparse.Namespace, time_scale: float) -> B.BenchSetting
     return s
 
 
+def report_only(out_dir: pathlib.Path, name: str) -> int:
+    from experiments.bench_report import bench_markdown, bench_plot
+
+    path = out_dir / f"{name}.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"ppd bench: {path}: {err}", file=sys.stderr)
+        return 2
+    (out_dir / f"{name}.md").write_text(bench_markdown(doc, name))
+    if doc.get("runs"):
+        bench_plot(doc, out_dir / f"{name}.png")
+    print(f"wrote {out_dir / name}.md (.png)")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.report_only:
+        return report_only(
+            pathlib.Path(args.output_dir), args.name or ("bench-simulated" if args.simulate else "bench")
+        )
     echo = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
     command = "ppd " + shlex.join(sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench", *sys.argv[1:]])
     configs = {"disaggregated": args.config, "colocated": args.colocated_config}

@@ -147,7 +147,9 @@ def bench_plot(doc: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         st = doc["settings"]
         axes[i][0].axhline(st["slo_ttft_ms"], color="k", ls=":", lw=0.8)
         axes[i][1].axhline(st["slo_tpot_ms"], color="k", ls=":", lw=0.8)
-        axes[i][2].plot(st["rates"], st["rates"], color="k", ls=":", lw=0.8, label="offered")
+        offered = {r["rate"]: r["offered_rps"] for r in runs if r.get("offered_rps") is not None}
+        xs = sorted(offered)
+        axes[i][2].plot(xs, [offered[x] for x in xs], color="k", ls=":", lw=0.8, label="offered")
         axes[i][0].set_ylabel(f"{cell}\nTTFT (emulated ms)")
         axes[i][1].set_ylabel("TPOT (emulated ms)")
         axes[i][2].set_ylabel("goodput (req/s)")
