@@ -90,7 +90,16 @@ def pct(sim: float | None, emu: float | None) -> float:
     return (sim - emu) / emu
 
 
-KEYS = ("goodput_rps", "slo_attainment", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "errors")
+KEYS = (
+    "goodput_rps",
+    "slo_attainment",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p99_ms",
+    "errors",
+    "route_share",
+)
 
 
 def compare(row: Row, emu: dict[str, Any], sim: dict[str, Any], sim_detail: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +180,13 @@ def _f(x: Any, nd: int = 0, pct_: bool = False) -> str:
     return f"{100 * x:+.{nd}f}%" if pct_ else f"{x:.{nd}f}"
 
 
+def _share(side: dict[str, Any]) -> str:
+    shares = side.get("route_share")
+    if not shares or "colocated" in shares:  # not recorded (older runs), or no route to choose
+        return "—"
+    return f"{100 * shares.get('prefill', 0.0):.0f}%"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# Simulator vs emulator",
@@ -179,13 +195,15 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- run: {doc['start_time']} .. {doc['end_time']} on {doc['machine']['host']} ({doc['machine']['cpus']} CPUs, "
         f"load average {doc['machine']['loadavg']}); emulated H200s + Llama-3-8B, time_scale {doc['time_scale']:g} "
         "(emulated = wall / time_scale)",
-        f"- {doc['duration_s']:g} s of arrivals per row, seed {doc['seed']}, policy {doc['policy'] or 'colocated'}; "
+        f"- {doc['duration_s']:g} s of arrivals per row, seed {doc['seed']}, policy {doc['policy'] or 'colocated'}"
+        + (f", overrides {' '.join(doc['overrides'])}" if doc.get("overrides") else "")
+        + "; "
         "goodput = requests meeting the SLO / seconds of arrivals (both sides, experiments.bench.summarize); target |diff| <= "
         f"{100 * TARGET:.0f}% on goodput and p50 TTFT",
         "",
         "| row | P:D, routing | requests | SLO ms (TTFT/TPOT) | goodput emu | goodput sim | diff | TTFT p50 emu | TTFT p50 sim "
-        "| diff | TPOT p50 emu / sim | SLO met emu / sim | sim bottleneck | within 15% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| diff | TPOT p50 emu / sim | SLO met emu / sim | P-route share emu / sim | sim bottleneck | within 15% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         e, s, d = r["emu"], r["sim"], r["diff"]
@@ -195,7 +213,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_f(e['ttft_p50_ms'])} | {_f(s['ttft_p50_ms'])} | {_f(d['ttft_p50_ms'], 0, True)} "
             f"| {_f(e['tpot_p50_ms'], 1)} / {_f(s['tpot_p50_ms'], 1)} "
             f"| {_f(100 * (e['slo_attainment'] or 0))}% / {_f(100 * (s['slo_attainment'] or 0))}% "
-            f"| {s['bottleneck']} | {'yes' if r['within_target'] else '**no**'} |"
+            f"| {_share(e)} / {_share(s)} | {s['bottleneck']} | {'yes' if r['within_target'] else '**no**'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -229,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, default=8.0, help="emulator.time_scale (default %(default)s)")
     p.add_argument("--slo-ttft-ms", type=float, help="default: the workload preset's")
     p.add_argument("--slo-tpot-ms", type=float, help="default: the workload preset's")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every stack and its simulated twin, e.g. router.policy_params.calibrate=false",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(DEFAULT_OUT))
     p.add_argument("--name", default="sim_vs_emu", help="file name stem of the outputs (default %(default)s)")
@@ -249,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration_s,
         "seed": args.seed,
         "policy": args.policy,
+        "overrides": args.set,
         "target": TARGET,
         "rows": [],
     }
@@ -259,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stack, its_rows in by_stack.items():
             cfg_path = STACKS[stack]
-            with S.open_target(None, cfg_path, time_scale=args.time_scale) as target:
+            with S.open_target(None, cfg_path, args.set, time_scale=args.time_scale) as target:
                 cfg = load_config(cfg_path, target.overrides)
                 policy = args.policy if cfg.mode == "disaggregated" else None
                 doc["rows"] += asyncio.run(run_rows(target.router_url, its_rows, cfg, policy, args, texts, print))

@@ -257,6 +257,16 @@ async def measure(
             return record
         bg = background_metrics(pool, before_start, res.arrival_s, res.token_times_s[0], scale)
         metrics.update(bg)
+        pace = bg["bg_tpot_before_p50_ms"]
+        if pace and bg["bg_extra_mean_ms"] is not None and bg["bg_extra_mean_ms"] < -0.5 * pace:
+            # the others cannot gain time from an append: a clearly negative delay means the client's clock of
+            # their tokens was disturbed (a CPU-starved client or router); measure again
+            record["error"] = (
+                f"background clock disturbed: mean delay {bg['bg_extra_mean_ms']:.1f} ms per stream at a "
+                f"{pace:.1f} ms pace"
+            )
+            record["metrics"] = metrics
+            return record
         consumed = pool.tokens()[0] - tokens_at_start
         ctx.consumed_tokens[L] = max(ctx.consumed_tokens.get(L, 0), consumed)
     else:

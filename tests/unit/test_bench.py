@@ -228,7 +228,7 @@ def test_sim_vs_emu_helpers():
     with pytest.raises(KeyError):
         parse_rows("1p1d:nope:4")
     assert pct(1.1, 1.0) == pytest.approx(0.1) and math.isnan(pct(1.0, 0.0))
-    base = {"errors": 0, "tpot_p99_ms": 6.0, "ttft_p99_ms": 200.0, "tpot_p50_ms": 5.0}
+    base = {"errors": 0, "tpot_p99_ms": 6.0, "ttft_p99_ms": 200.0, "tpot_p50_ms": 5.0, "route_share": {"prefill": 1.0}}
     emu = {**base, "requests": 10, "goodput_rps": 2.0, "slo_attainment": 1.0, "ttft_p50_ms": 100.0}
     sim = {**base, "requests": 10, "goodput_rps": 1.8, "slo_attainment": 0.9, "ttft_p50_ms": 120.0}
     detail = {"ratio": "1:1", "bottleneck": "none", "busy_frac": {}, "ttft_breakdown_ms": {}}
