@@ -1,7 +1,11 @@
 """Background decode load for `ppd sweep --background-streams N` (issue 11).
 
 N long conversations (prompt `prompt_tokens`, `output_tokens` out, `ignore_eos`) are sent through the router with
-the `prefill` policy, streaming, so they decode on the decode server while the measured append arrives. They run in
+the `prefill` policy, streaming, so they decode on the decode server while the measured append arrives. With
+`direct=True` they bypass the router: each is one PD request sent straight to the first prefill and decode server
+behind it (mini_lb's protocol: the same /generate body with bootstrap fields to both), so their token times show the
+decode GPU's interference only, not the router's relay of N streams (a Python router relaying ~4,500 tokens/s on
+2xH200 fell behind and delivered tokens in bursts, which the "before vs during" comparison would count as stall). They run in
 lockstep batches: before each measurement `ensure()` checks that every stream has enough tokens left to outlast it;
 if not, the batch is closed (the router aborts the backend work) and a fresh one started and waited for.
 Every stream's token arrival times are kept so the measurement can read the others' TPOT before and during the
@@ -13,11 +17,48 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import urllib.parse
+from dataclasses import dataclass
 
 import httpx
 
 from experiments.client import stream_request
 from experiments.workloads import WordTokens
+from ppd.sglang import protocol
+from ppd.sglang.client import DeltaIds
+
+
+@dataclass(frozen=True)
+class DirectPD:
+    """Where background streams go when they bypass the router: one prefill (with its bootstrap port), one decode."""
+
+    prefill_url: str
+    bootstrap_port: int
+    decode_url: str
+
+    @property
+    def bootstrap_host(self) -> str:
+        host = urllib.parse.urlparse(self.prefill_url).hostname or ""
+        return f"[{host}]" if ":" in host else host
+
+
+async def discover_pd(client: httpx.AsyncClient, router_url: str) -> DirectPD:
+    """The router's first prefill and decode server (its /ppd/backends), roles and bootstrap port from each server's
+    /server_info (SGLang's and the emulator's alike)."""
+    r = await client.get(f"{router_url}/ppd/backends", timeout=10.0)
+    r.raise_for_status()
+    prefill = decode = None
+    port = 0
+    for b in r.json().get("backends", []):
+        info = (await client.get(f"{b['url']}/server_info", timeout=10.0)).json()
+        mode = info.get("disaggregation_mode")
+        if mode == "prefill" and prefill is None:
+            prefill, port = b["url"], int(info.get("disaggregation_bootstrap_port") or 0)
+        elif mode == "decode" and decode is None:
+            decode = b["url"]
+    if prefill is None or decode is None or not port:
+        raise RuntimeError("background streams --bg-direct need a prefill (with bootstrap port) and a decode server")
+    return DirectPD(prefill, port, decode)
 
 
 class BackgroundPool:
@@ -36,6 +77,7 @@ class BackgroundPool:
         decode_urls: list[str] | None = None,
         time_scale: float = 1.0,
         prompt_format: str = "ids",
+        direct: bool = False,
     ):
         self.client, self.base_url, self.model, self.words = client, base_url, model, words
         self.n, self.prompt_tokens, self.output_tokens = n_streams, prompt_tokens, output_tokens
@@ -43,6 +85,8 @@ class BackgroundPool:
         self.decode_urls = list(decode_urls or [])
         self.time_scale = time_scale
         self.prompt_format = prompt_format
+        self.direct = direct
+        self.pd: DirectPD | None = None
         self.generation = 0
         self.times: list[list[float]] = []
         self.done: list[bool] = []
@@ -53,6 +97,10 @@ class BackgroundPool:
     # --- lifecycle ---
 
     async def start(self) -> None:
+        if self.direct and self.pd is None:
+            self.pd = await discover_pd(self.client, self.base_url)
+            if not self.decode_urls:
+                self.decode_urls = [self.pd.decode_url]
         self.generation += 1
         rng = random.Random(f"bg-{self.seed}-{self.n}-{self.generation}")
         self.times = [[] for _ in range(self.n)]
@@ -65,9 +113,11 @@ class BackgroundPool:
 
     def _prompt(self, rng: random.Random) -> list[int] | str:
         ids = self.words.token_ids(self.prompt_tokens, rng)
-        return ids if self.prompt_format == "ids" else self.words.text_of(ids)
+        return ids if self.prompt_format == "ids" or self.direct else self.words.text_of(ids)
 
     async def _run(self, i: int, prompt: list[int] | str) -> None:
+        if self.pd is not None:
+            return await self._run_direct(i, list(prompt), self.pd)
         times = self.times[i]
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.output_tokens, "temperature": 0.0}
         body.update(self.extra_body)
@@ -78,6 +128,40 @@ class BackgroundPool:
                 self.errors.append(res.error)
         finally:
             self.done[i] = True
+
+    async def _run_direct(self, i: int, ids: list[int], pd: DirectPD) -> None:
+        """One PD request straight to the servers; the decode half streams the tokens."""
+        times = self.times[i]
+        sampling = {"max_new_tokens": self.output_tokens, "temperature": 0.0, "ignore_eos": True}
+        body = protocol.with_bootstrap(
+            protocol.generate_body(ids, sampling, stream=True, rid=f"bg-{self.seed}-{self.generation}-{i}"),
+            pd.bootstrap_host,
+            pd.bootstrap_port,
+            protocol.new_bootstrap_room(),
+        )
+        prefill = asyncio.create_task(self.client.post(f"{pd.prefill_url}/generate", json=body))
+        try:
+            delta = DeltaIds()
+            async with self.client.stream("POST", f"{pd.decode_url}/generate", json=body) as resp:
+                if resp.status_code != 200:
+                    self.errors.append(f"decode HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+                    return
+                async for line in resp.aiter_lines():
+                    out = protocol.parse_sse_line(line)
+                    if out is None:
+                        continue
+                    now = time.perf_counter()
+                    times.extend([now] * len(delta.feed(out)))
+                    reason = out.finish_reason
+                    if reason and reason.get("type") == "abort":
+                        self.errors.append(f"aborted: {reason.get('message')}")
+        except httpx.HTTPError as err:
+            self.errors.append(repr(err))
+        finally:
+            self.done[i] = True
+            if not prefill.done():
+                prefill.cancel()
+            await asyncio.gather(prefill, return_exceptions=True)
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -6,6 +6,7 @@ and the non-standard `ppd` object on the final chunk, and we send the `x-ppd-pol
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -140,3 +141,28 @@ async def probe_policies(
         else:
             refused[p] = (res.error or f"HTTP {res.status}")[:300]
     return ok, refused
+
+
+async def flush_server_caches(client: httpx.AsyncClient, router_url: str, wait_s: float = 60.0) -> dict[str, bool]:
+    """POST /flush_cache to every server behind the router (listed by its /ppd/backends); {url: flushed}.
+
+    Why: on real SGLang a KV pool whose slots have cycled through radix-cache eviction moved KV 10-100x slower over
+    Mooncake (results/h200x2/README.md), so runs that must not inherit an earlier run's pool state start from empty
+    caches. A server only flushes when idle; it is retried until `wait_s` has passed.
+    """
+    r = await client.get(f"{router_url}/ppd/backends", timeout=10.0)
+    r.raise_for_status()
+    urls = [b["url"] for b in r.json().get("backends", [])]
+    out: dict[str, bool] = {}
+    for url in urls:
+        deadline = time.monotonic() + wait_s
+        ok = False
+        while not ok and time.monotonic() < deadline:
+            try:
+                ok = (await client.post(f"{url}/flush_cache", params={"timeout": 10}, timeout=30.0)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if not ok:
+                await asyncio.sleep(1.0)
+        out[url] = ok
+    return out

@@ -42,7 +42,8 @@ import yaml
 
 from ppd import specs
 from ppd.config import REPO_ROOT
-from ppd.sglang.protocol import LOCAL_APPEND_HOST, SGLANG_VERSION
+from ppd.sglang.client import DeltaIds
+from ppd.sglang.protocol import LOCAL_APPEND_HOST, SGLANG_VERSION, GenerateOutput
 
 # ../shared/gpu/NOTES.md, "Seen: what an append on a busy server does to the others" (one H200, normal mode) and
 # "Seen: the same appends by the P-route under decode load" (2xH200, PD over Mooncake/NVLink). None = not measured.
@@ -145,6 +146,7 @@ class StreamResult:
     times: list[float] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    delta: DeltaIds = field(default_factory=DeltaIds)
 
 
 async def stream(client: httpx.AsyncClient, url: str, body: dict, res: StreamResult | None = None) -> StreamResult:
@@ -161,9 +163,9 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict, res: StreamRes
             out = json.loads(line[5:])
             if "error" in out:
                 raise RuntimeError(f"{url}: {out['error']}")
-            new = len(out["output_ids"]) - len(res.ids)
-            res.times.extend([now] * max(0, new))
-            res.ids = out["output_ids"]
+            new = res.delta.feed(GenerateOutput.from_json(out))  # cumulative or incremental output_ids
+            res.times.extend([now] * len(new))
+            res.ids = list(res.delta.ids)
             res.meta = out["meta_info"]
     return res
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from ppd.sglang.client import DeltaIds
 from ppd.sglang.protocol import (
     generate_body,
     local_append,
@@ -87,14 +88,15 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], gen
         if resp.status_code != 200:
             gen.error = f"{url}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
             return
+        delta = DeltaIds()  # cumulative or incremental output_ids (sglang.incremental_streaming_output)
         async for line in resp.aiter_lines():
             out = parse_sse_line(line)
             if out is None:
                 continue
             now = time.perf_counter() - t0
-            new = len(out.output_ids) - len(gen.output_ids)  # output_ids is cumulative in SGLang's stream
-            gen.token_times_s.extend([now] * max(new, 0))
-            gen.output_ids = list(out.output_ids)
+            new = delta.feed(out)
+            gen.token_times_s.extend([now] * len(new))
+            gen.output_ids = list(delta.ids)
             gen.meta = out.meta_info
             reason = out.finish_reason
             if reason and reason.get("type") == "abort":

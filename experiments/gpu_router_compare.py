@@ -13,7 +13,11 @@ are drawn below the router tokenizer's vocabulary size (it refuses others), whic
    our `ppd` extension when it carries them, else the text decoded by the router's tokenizer, compared with the
    reference ids decoded the same way; a dummy-weight model emits ids outside that tokenizer's vocabulary, which
    decode to nothing, so the text comparison is the weaker one and is labelled as such).
-2. TTFT: fresh prompts (nothing cached) of each length, routers alternating, `--reps` each; medians side by side.
+2. TTFT: fresh prompts (nothing cached) of each length; every router first gets `--warmup` untimed requests of that
+   length, then `--reps` rounds in which each router serves one request, the order rotating round by round (with
+   ours + 2 references and 9 reps every router is first, second and third three times). Per length: p50 and mean
+   TTFT and E2E of each router and ours minus each reference (difference of p50s, of means, and the median of the
+   per-round paired differences, which cancels slow drifts of the servers).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import httpx
 
 from experiments import gpu_common as G
+from ppd.sglang.client import DeltaIds
 from ppd.sglang.protocol import generate_body, parse_sse_line
 
 
@@ -37,6 +42,7 @@ async def via_sglang_router(c: httpx.AsyncClient, url: str, ids: list[int], n_ou
     body = generate_body(ids, G.sampling(n_out), stream=True)
     t0 = time.perf_counter()
     ttft, out_ids, err = None, [], None
+    delta = DeltaIds()  # the servers may stream incremental output_ids (sglang.incremental_streaming_output)
     try:
         async with c.stream("POST", f"{url}/generate", json=body) as r:
             if r.status_code != 200:
@@ -48,10 +54,18 @@ async def via_sglang_router(c: httpx.AsyncClient, url: str, ids: list[int], n_ou
                         continue
                     if o.output_ids and ttft is None:
                         ttft = time.perf_counter() - t0
-                    out_ids = o.output_ids
+                    delta.feed(o)
+                    out_ids = list(delta.ids)
     except httpx.HTTPError as e:
         err = repr(e)
-    return {"ttft_ms": None if ttft is None else ttft * 1000, "output_ids": out_ids, "text": None, "error": err}
+    e2e_ms = (time.perf_counter() - t0) * 1000
+    return {
+        "ttft_ms": None if ttft is None else ttft * 1000,
+        "e2e_ms": e2e_ms,
+        "output_ids": out_ids,
+        "text": None,
+        "error": err,
+    }
 
 
 async def via_ours(c: httpx.AsyncClient, url: str, model: str, ids: list[int], n_out: int) -> dict[str, Any]:
@@ -63,6 +77,7 @@ async def via_ours(c: httpx.AsyncClient, url: str, model: str, ids: list[int], n
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "return_token_ids": True,  # ids in the `ppd` object: identity by ids, not by text
     }
     t0 = time.perf_counter()
     ttft, text, ppd, usage, err = None, "", {}, {}, None
@@ -85,12 +100,46 @@ async def via_ours(c: httpx.AsyncClient, url: str, model: str, ids: list[int], n
         err = repr(e)
     return {
         "ttft_ms": None if ttft is None else ttft * 1000,
+        "e2e_ms": (time.perf_counter() - t0) * 1000,
         "output_ids": ppd.get("output_ids"),
         "text": text,
         "completion_tokens": usage.get("completion_tokens"),
         "route": ppd.get("route"),
         "error": err,
     }
+
+
+def _stats(xs: list[float | None]) -> tuple[float | None, float | None, int]:
+    ok = [x for x in xs if x is not None]
+    if not ok:
+        return None, None, 0
+    return round(statistics.median(ok), 2), round(statistics.fmean(ok), 2), len(ok)
+
+
+def summary_row(
+    n: int,
+    names: list[str],
+    ttft: dict[tuple[str, int], list[float | None]],
+    e2e: dict[tuple[str, int], list[float | None]],
+) -> dict[str, Any]:
+    """One length: p50/mean TTFT and E2E per router; ours minus each reference (p50s, means, paired rounds)."""
+    row: dict[str, Any] = {"prompt_tokens": n}
+    for name in names:
+        p50, mean, k = _stats(ttft.get((name, n), []))
+        row[f"{name}_ttft_ms_p50"], row[f"{name}_ttft_ms_mean"], row[f"{name}_n"] = p50, mean, k
+        p50, mean, _ = _stats(e2e.get((name, n), []))
+        row[f"{name}_e2e_ms_p50"], row[f"{name}_e2e_ms_mean"] = p50, mean
+    for ref in names[1:]:
+        for what in ("p50", "mean"):
+            a, b = row[f"ours_ttft_ms_{what}"], row[f"{ref}_ttft_ms_{what}"]
+            row[f"ours_minus_{ref}_ttft_ms_{what}"] = None if a is None or b is None else round(a - b, 2)
+        pairs = [
+            a - b
+            for a, b in zip(ttft.get(("ours", n), []), ttft.get((ref, n), []), strict=True)
+            if a is not None and b is not None
+        ]
+        row[f"ours_minus_{ref}_ttft_ms_paired_p50"] = round(statistics.median(pairs), 2) if pairs else None
+    return row
 
 
 def same_tokens(ref: dict[str, Any], ours: dict[str, Any], decode) -> tuple[bool | None, str]:
@@ -150,34 +199,37 @@ async def run(args: argparse.Namespace) -> dict:
                 )
                 print(f"tokens L={n} {name} vs ours: {same} ({how})", flush=True)
 
-        timing: dict[tuple[str, int], list[float]] = {}
+        routers = [("ours", args.ours)] + refs
+
+        async def one(name: str, url: str, n: int) -> dict[str, Any]:
+            ids = ids_of(n)  # fresh: no router gets a cache hit the other made
+            if name == "ours":
+                return await via_ours(c, url, model, ids, args.max_new_tokens)
+            return await via_sglang_router(c, url, ids, args.max_new_tokens)
+
+        # per (router, length): the TTFT/E2E of each round (None where the request failed)
+        ttft: dict[tuple[str, int], list[float | None]] = {}
+        e2e: dict[tuple[str, int], list[float | None]] = {}
         for n in args.lengths:
+            for _ in range(args.warmup):
+                for name, url in routers:
+                    await one(name, url, n)
             for rep in range(args.reps):
-                order = [("ours", args.ours)] + refs
-                if rep % 2:
-                    order.reverse()
-                for name, url in order:
-                    ids = ids_of(n)  # fresh: no router gets a cache hit the other made
-                    res = (
-                        await via_ours(c, url, model, ids, args.max_new_tokens)
-                        if name == "ours"
-                        else await via_sglang_router(c, url, ids, args.max_new_tokens)
-                    )
-                    if res["ttft_ms"] is not None and not res["error"]:
-                        timing.setdefault((name, n), []).append(res["ttft_ms"])
-        rows = []
-        for n in args.lengths:
-            row: dict[str, Any] = {"prompt_tokens": n}
-            for name in ["ours"] + [r[0] for r in refs]:
-                xs = timing.get((name, n), [])
-                row[f"{name}_ttft_ms_p50"] = round(statistics.median(xs), 2) if xs else None
-                row[f"{name}_n"] = len(xs)
-            rows.append(row)
+                k = rep % len(routers)
+                for name, url in routers[k:] + routers[:k]:  # rotate: every router in every position alike
+                    res = await one(name, url, n)
+                    ok = res["ttft_ms"] is not None and not res["error"]
+                    ttft.setdefault((name, n), []).append(res["ttft_ms"] if ok else None)
+                    e2e.setdefault((name, n), []).append(res["e2e_ms"] if ok else None)
+        rows = [summary_row(n, [r[0] for r in routers], ttft, e2e) for n in args.lengths]
+        for row in rows:
             print(row, flush=True)
     return {
         "experiment": "gpu_router_compare",
         "command": " ".join(sys.argv),
         "max_new_tokens": args.max_new_tokens,
+        "reps": args.reps,
+        "warmup": args.warmup,
         "identity": identity,
         "ttft": rows,
         "versions": G.versions(),
@@ -195,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llama-3-8b", help="served model name of our router")
     p.add_argument("--tokenizer", default="builtin")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 8192])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9, help="timed rounds per length (each router once per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed requests per router and length first")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--out", required=True)

@@ -24,7 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from experiments import metrics as M
-from experiments.client import make_client, model_id, probe_policies, stream_request
+from experiments.client import flush_server_caches, make_client, model_id, probe_policies, stream_request
 from experiments.report import _clean, ordered
 from experiments.workloads import Conversation
 
@@ -172,6 +172,7 @@ async def run_replay(
     run_config: dict[str, Any] | None = None,
     progress: bool = True,
     echo=print,
+    flush_caches: bool = False,
 ) -> dict[str, Any]:
     from experiments.plots import replay_plots
 
@@ -204,6 +205,13 @@ async def run_replay(
             samples: dict[str, dict[str, list[float]]] = {}
             doc["requests"][scen] = {}
             for p in policies:
+                if flush_caches:
+                    flushed = await flush_server_caches(client, url)
+                    doc["config"].setdefault("cache_flushes", []).append(
+                        {"scenario": scen, "policy": p, "flushed": flushed}
+                    )
+                    if not all(flushed.values()):
+                        echo(f"{scen}/{p}: cache flush refused by {[u for u, ok in flushed.items() if not ok]}")
                 summary, recs = await replay_policy(client, url, model, convs, p, s, scen, progress)
                 if summary["ok"] == 0:
                     err = next((r.error for r in recs if r.error), "no answer")

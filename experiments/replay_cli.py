@@ -130,7 +130,16 @@ def main(args: argparse.Namespace) -> int:
                 "notes": notes,
             }
             asyncio.run(
-                run_replay(target.router_url, scenarios, settings, out_dir, args.name, run_config, not args.no_progress)
+                run_replay(
+                    target.router_url,
+                    scenarios,
+                    settings,
+                    out_dir,
+                    args.name,
+                    run_config,
+                    not args.no_progress,
+                    flush_caches=args.flush_caches,
+                )
             )
             print(f"results in {out_dir}/{args.name}.json (.md, *.png)")
     except ValueError as err:

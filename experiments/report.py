@@ -127,7 +127,7 @@ def point_means(
 def regret_table(results: Iterable[dict[str, Any]], weight: float, by: str = "measured") -> dict[str, dict[str, Any]]:
     """Per background level N: per policy, regret against the per-point best forced route.
 
-    mean_pct / p95_pct: over points of (cost / oracle - 1) x 100; mean_ms / p95_ms: cost - oracle; mean_cost_ms:
+    mean_pct / p95_pct: over points of (cost - oracle) / max(oracle, oracle's TTFT) x 100; mean_ms / p95_ms: cost - oracle; mean_cost_ms:
     the policy's mean cost; total_pct: its mean cost over the oracle's mean cost - 1 (x 100); points: grid points
     where both forced routes exist. `by`: see point_means.
     """
@@ -139,6 +139,11 @@ def regret_table(results: Iterable[dict[str, Any]], weight: float, by: str = "me
         if not pts:
             continue
         oracle = {k: min(v[f]["cost"] for f in FORCED) for k, v in pts.items()}
+        # denominator of the per-point ratio: the oracle's cost, but never below its own TTFT (the others' extra wait
+        # cannot be negative; a noisy near-zero or negative estimate must not blow the ratio up)
+        floor = {
+            k: max(oracle[k], min(v[f]["ttft"] for f in FORCED if v[f]["cost"] == oracle[k])) for k, v in pts.items()
+        }
         best_route = Counter(min(FORCED, key=lambda f, v=v: v[f]["cost"]) for v in pts.values())
         row: dict[str, Any] = {
             "_oracle": {
@@ -150,7 +155,7 @@ def regret_table(results: Iterable[dict[str, Any]], weight: float, by: str = "me
         }
         for p in ordered({p for v in pts.values() for p in v}):
             ks = [k for k in pts if p in pts[k]]
-            pct = [(pts[k][p]["cost"] / oracle[k] - 1.0) * 100 if oracle[k] > 0 else 0.0 for k in ks]
+            pct = [(pts[k][p]["cost"] - oracle[k]) / floor[k] * 100 for k in ks]
             ms = [pts[k][p]["cost"] - oracle[k] for k in ks]
             oracle_mean = M.mean(oracle[k] for k in ks)
             policy_mean = M.mean(pts[k][p]["cost"] for k in ks)
@@ -233,7 +238,8 @@ def _fmt(x: Any, nd: int = 1) -> str:
 def regret_markdown(regret: dict[str, dict[str, Any]], weight: float) -> list[str]:
     lines = [
         f"Cost = append TTFT + {weight:g} x (extra wait imposed on the background streams), emulated ms. "
-        "Regret = a policy's cost over the per-point best of the forced routes (prefill, decode).",
+        "Oracle = the per-point cheaper forced route (prefill, decode). *total vs oracle* = the policy's mean cost over "
+        "the oracle's mean cost; per-point regret % = (cost - oracle) / max(oracle, oracle's TTFT).",
         "",
         "| N (background streams) | policy | points | mean cost ms | total vs oracle % | mean regret % | p95 regret % | mean regret ms | p95 regret ms |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from experiments import metrics as M
 from experiments.background import BackgroundPool
-from experiments.client import make_client, model_id, probe_policies, stream_request
+from experiments.client import flush_server_caches, make_client, model_id, probe_policies, stream_request
 from experiments.workloads import WordTokens
 from ppd.tokenizer import ChatTokenizer
 
@@ -63,6 +63,7 @@ class SweepSettings:
         16  # background tokens waited for after the warm-up, before the append (the "before" window)
     )
     bg_max_points: int | None = None  # at N > 0, measure only this many grid points (an even subset) to bound time
+    bg_direct: bool = False  # background streams straight to the servers (PD protocol), not through the router
     cost_weight: float = 1.0
     warmup_policy: str = "prefill"
     settle_ms: float = 20.0  # idle pause (emulated ms) between warm-up and append when N = 0
@@ -321,6 +322,7 @@ async def run_sweep(
     decode_urls: list[str] | None = None,
     progress: bool = True,
     echo=print,
+    flush_caches: bool = False,
 ) -> dict[str, Any]:
     """Measure every (N, L, m, repetition, policy) not already in `out_dir/<name>.*`; write all outputs; return
     the results document."""
@@ -371,6 +373,11 @@ async def run_sweep(
                 mine = [t for t in todo if t[0] == n]
                 if not mine:
                     continue
+                if flush_caches:
+                    flushed = await flush_server_caches(client, url)
+                    config.setdefault("cache_flushes", []).append({"background_streams": n, "flushed": flushed})
+                    if not all(flushed.values()):
+                        bar.write(f"N={n}: cache flush refused by {[u for u, ok in flushed.items() if not ok]}")
                 pool = None
                 if n > 0:
                     pool = BackgroundPool(
@@ -386,6 +393,7 @@ async def run_sweep(
                         prompt_format=settings.prompt_format,
                         decode_urls=decode_urls,
                         time_scale=settings.time_scale,
+                        direct=settings.bg_direct,
                     )
                     bar.set_description(f"N={n} starting background")
                     await pool.start()

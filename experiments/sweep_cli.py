@@ -44,6 +44,12 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="default results/emulated-<prefill>-<decode>-<link>/ (or results/sweep/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--flush-caches",
+        action="store_true",
+        help="empty every server's cache (POST /flush_cache) before each background level (sweep) or policy "
+        "(replay), so no run inherits an earlier one's KV pool state",
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,6 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bg-prompt-tokens", type=int, default=2048)
     p.add_argument("--bg-output-tokens", type=int, default=1024)
     p.add_argument("--bg-before-tokens", type=int, default=32, help="background tokens in the 'before' window")
+    p.add_argument(
+        "--bg-direct",
+        action="store_true",
+        help="send the background streams straight to the router's first prefill + decode server (PD protocol) "
+        "instead of through the router, so their token times show the decode GPU's interference, not the router's "
+        "relay load",
+    )
     p.add_argument("--bg-max-points", type=int, help="at N > 0 measure only this many grid points (even subset)")
     p.add_argument("--cost-weight", type=float, default=1.0, help="weight of the background streams' extra wait")
     p.add_argument("--warmup-policy", default="prefill", help="policy of the warm-up turn that caches the history")
@@ -105,6 +118,7 @@ def settings_from_args(args: argparse.Namespace, time_scale: float) -> SweepSett
         bg_output_tokens=args.bg_output_tokens,
         bg_before_tokens=args.bg_before_tokens,
         bg_max_points=args.bg_max_points,
+        bg_direct=args.bg_direct,
         cost_weight=args.cost_weight,
         warmup_policy=args.warmup_policy,
         time_scale=time_scale,
@@ -151,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
                     run_config,
                     target.decode_urls,
                     progress=not args.no_progress,
+                    flush_caches=args.flush_caches,
                 )
             )
             print(f"results in {out_dir}/{args.name}.json (.csv, .md, *.png)")

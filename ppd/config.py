@@ -69,7 +69,9 @@ class EmulatorConfig:
     kv_capacity_tokens: int = 0  # 0 = derive from the GPU's memory minus weights
     mem_fraction_static: float = 0.8
     seed: int = 0
-    waiting_timeout_s: float = 300.0  # PD: a half whose peer never shows up is aborted (SGLANG_DISAGGREGATION_*_TIMEOUT)
+    waiting_timeout_s: float = (
+        300.0  # PD: a half whose peer never shows up is aborted (SGLANG_DISAGGREGATION_*_TIMEOUT)
+    )
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class SGLangConfig:
     mem_fraction_static: float = 0.8
     chunked_prefill_size: int = 8192
     decode_local_append: bool = False  # load ppd.sglang.ext on decode servers (the D-route on real SGLang)
+    # stream chunks carry only the new output ids (SGLang's default resends all of them in every chunk: a 4k-token
+    # stream then costs the server and the router O(n^2) JSON; the router reads either form). The emulator follows it.
+    incremental_streaming_output: bool = True
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 

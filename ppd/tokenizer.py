@@ -55,6 +55,7 @@ class ChatTokenizer:
         self._outputs: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._output_memory = output_memory
         vocab = tokenizer.get_vocab()
+        self._vocab_size = tokenizer.get_vocab_size()  # read on every decode (a stream's hot path)
         self.special_ids = {
             vocab[t] for t in (BOS, EOT, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>") if t in vocab
         }
@@ -78,7 +79,7 @@ class ChatTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
+        return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self._encode_many([text])[0]
@@ -91,8 +92,8 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`. Ids past this tokenizer's vocabulary (a dummy-weight model samples all of its 128k) become
         `<|id_N|>`, so a reply always has text and `remember_output` maps that text back to the exact ids."""
-        vocab = self.vocab_size
-        if all(0 <= i < vocab for i in ids):
+        vocab = self._vocab_size
+        if not ids or (min(ids) >= 0 and max(ids) < vocab):  # in C, not a generator per id
             return self._tok.decode(list(ids), skip_special_tokens=True)
         parts: list[str] = []
         run: list[int] = []

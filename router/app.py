@@ -30,12 +30,13 @@ from typing import Any, TypeVar
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 
 from ppd import specs
 from ppd.config import StackConfig, resolve_path, to_dict
 from ppd.policies import Route, policy_names
 from ppd.sglang import protocol
-from ppd.sglang.client import BackendError, SGLangClient, make_http_client
+from ppd.sglang.client import BackendError, SGLangClient, loads, make_http_client
 from ppd.tokenizer import ChatTokenizer, message_text
 from router import openai_models as om
 from router.backends import BackendPool
@@ -117,6 +118,7 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
             await http.aclose()
 
     app = FastAPI(title="P-PD AppendRouter", version="0.1.0", lifespan=lifespan)
+    app.router.route_class = FastJSONRoute
     install_error_handlers(app)
 
     @app.post("/v1/chat/completions")
@@ -207,6 +209,28 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
     return app
 
 
+class FastJSONRequest(Request):
+    """A request whose JSON body is parsed by orjson: the stdlib parser took ~0.8 ms of an 8k-id prompt's request
+    path. What orjson refuses (ints beyond 64 bits) goes to json, which also raises the usual JSONDecodeError."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads(await self.body())
+        return self._json
+
+
+class FastJSONRoute(APIRoute):
+    """FastAPI's documented hook for a custom Request class: every route parses its body with `FastJSONRequest`."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def fast_json(request: Request) -> Response:
+            return await handler(FastJSONRequest(request.scope, request.receive))
+
+        return fast_json
+
+
 @contextlib.contextmanager
 def _reserved(state: RouterState, endpoint: str):
     """Hold a slot of the total in-flight limit while the request is tokenized and checked (429/503 at once when
@@ -274,7 +298,8 @@ def _save_calibration(router: Router) -> None:
 
 def _checked_token_ids(state: RouterState, prompt: list[int]) -> list[int]:
     vocab = max(state.tokenizer.vocab_size, state.model_vocab_size)  # the model may outnumber the tokenizer
-    bad = [t for t in prompt if not 0 <= t < vocab]
+    # min/max run in C; the first offender is looked for only when there is one (8k ids: ~0.3 ms less per request)
+    bad = [t for t in prompt if not 0 <= t < vocab] if prompt and (min(prompt) < 0 or max(prompt) >= vocab) else []
     if bad:
         raise OpenAIError(
             400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt", code="invalid_value"
@@ -420,6 +445,7 @@ async def _serve(
         gen = await _start(state, request, endpoint, req, prompt_ids, max_new, t0)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    gen.return_token_ids = req.return_token_ids
     request_id = incoming if _REQUEST_ID.match(incoming) else gen.call.rid
     headers = _route_headers(gen.plan, request_id)
     model = state.cfg.model.served_name
@@ -428,7 +454,7 @@ async def _serve(
     if req.stream:
         first, chunk = om.stream_chunks(endpoint, rid, model)
         return StreamingResponse(
-            sse_stream(gen, chunk, first, req.include_usage()),
+            sse_stream(gen, chunk, first, req.include_usage(), req.continuous_usage()),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
         )

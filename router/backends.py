@@ -2,8 +2,10 @@
 
 Health: /health every `router.health_interval_s`; a failed check or a request that cannot connect marks the server
 unhealthy at once (a simple circuit breaker: no traffic until a health check passes again). A server that went down
-lost its KV, so its prefix index is cleared. Load: /metrics every `router.metrics_poll_interval_s`. Readiness (which
-routes can run with the servers that are healthy) is the router's: `Router.ready`.
+lost its KV, so its prefix index is cleared. Load: /metrics every `router.metrics_poll_interval_s`, corrected between
+polls by what this router itself started and finished there since the poll (`Backend.load`): the metrics count every
+client of the server (other routers, direct traffic), the router's own counts are fresh. Readiness (which routes can
+run with the servers that are healthy) is the router's: `Router.ready`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Backend:
     has_metrics: bool = False
     inflight: int = 0
     inflight_tokens: int = 0  # prompt tokens of the router's open requests (KV estimate when /metrics is absent)
+    finished: int = 0  # the router's requests that have ended on this server (cumulative)
+    at_poll: tuple[int, int] = (0, 0)  # (inflight, finished) when the current metrics were requested
     capacity_source: str = "specs"
 
     @property
@@ -69,14 +73,33 @@ class Backend:
     def usable(self) -> bool:
         return self.health is not Health.UNHEALTHY
 
+    def end_request(self, prompt_tokens: int) -> None:
+        self.inflight -= 1
+        self.inflight_tokens -= prompt_tokens
+        self.finished += 1
+
+    def live_counts(self) -> tuple[int, int]:
+        """(running, queued): the polled metrics plus this router's requests started there since the poll, minus
+        those it saw end (a finished request leaves the queue first, then the running set)."""
+        m = self.metrics
+        if not self.has_metrics:
+            return 0, 0
+        inflight0, finished0 = self.at_poll
+        ended = self.finished - finished0
+        started = (self.inflight + self.finished) - (inflight0 + finished0)
+        queued = max(0, m.queued_reqs - ended)
+        total = max(0, m.running_reqs + m.queued_reqs + started - ended)
+        return max(0, total - queued), queued
+
     def load(self, max_inflight: int) -> ServerLoad:
         m = self.metrics
+        running, queued = self.live_counts()
         return ServerLoad(
             url=self.url,
             gpu=self.server.gpu,
             healthy=self.usable,
-            running_reqs=m.running_reqs,
-            queued_reqs=m.queued_reqs,
+            running_reqs=running,
+            queued_reqs=queued,
             inflight=self.inflight,
             running_kv_tokens=m.used_tokens if self.has_metrics else self.inflight_tokens,
             token_usage=m.token_usage,
@@ -149,9 +172,10 @@ class BackendPool:
         self.set_health(b, ok, "" if ok else "/health failed")
 
     async def poll_metrics(self, b: Backend) -> None:
+        at_poll = (b.inflight, b.finished)  # what the router had done there when the server was asked
         m = await self.client.metrics(b.url, timeout_s=max(self.cfg.router.connect_timeout_s, 1.0))
         if m is not None:
-            b.metrics, b.has_metrics = m, True
+            b.metrics, b.has_metrics, b.at_poll = m, True, at_poll
             self.metrics.backend_queue.labels(b.name).set(m.queued_reqs)
             self.metrics.backend_running.labels(b.name).set(m.running_reqs)
         self.metrics.index_tokens.labels(b.name).set(b.index.total_tokens)

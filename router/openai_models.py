@@ -35,6 +35,8 @@ Text = Annotated[str, AfterValidator(_encodable)]  # text the router tokenizes o
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    # vLLM's extension: `usage` on every chunk, so a client can count the tokens of a chunk that carries several
+    continuous_usage_stats: bool = False
 
 
 class ContentPart(BaseModel):
@@ -68,6 +70,9 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # vLLM's extension: the answer's token ids (here in the `ppd` object as `output_ids`), so a client can compare
+    # outputs id for id across routers and routes
+    return_token_ids: bool = False
     user: str | None = None
 
     def stop_strings(self) -> list[str]:
@@ -76,6 +81,9 @@ class _SamplingFields(BaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     def check_supported(self) -> None:
         if self.n is not None and self.n > 1:
@@ -142,7 +150,7 @@ class CompletionRequest(_SamplingFields):
         if not p:
             raise OpenAIError(400, "prompt is empty", param="prompt", code="invalid_value")
         if isinstance(p[0], int):
-            return list(p)  # type: ignore[arg-type]
+            return p  # type: ignore[return-value]
         if len(p) != 1:
             raise OpenAIError(
                 400,

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from ppd.policies import Route
 from ppd.sglang import protocol
-from ppd.sglang.client import BackendError, DeltaIds, SGLangClient
+from ppd.sglang.client import BackendError, DeltaIds, SGLangClient, dumps
 from router.errors import OpenAIError
 from router.routing import RoutePlan
 
@@ -119,6 +119,7 @@ class RouteCall:
         self.on_prefill_done = on_prefill_done  # frees the prefill server's admission slot once its half is over
         self.plan = plan
         self.body = backend_body(plan, body)
+        self.payload = dumps(self.body)  # encoded once: the P-route sends the same bytes to both servers
         self.rid: str = self.body["rid"]
         self.timeouts = timeouts
         self.finished = False  # the backend sent a finish_reason
@@ -131,7 +132,7 @@ class RouteCall:
     async def _prefill_half(self) -> protocol.GenerateOutput:
         assert self.plan.prefill is not None
         try:
-            out = await self.client.generate_last(self.plan.prefill.url, self.body)
+            out = await self.client.generate_last(self.plan.prefill.url, self.payload)
         except BackendError as err:
             raise PrefillFailed(
                 err.url, err.message, status=err.status, connect=err.connect, dropped=err.dropped
@@ -163,18 +164,22 @@ class RouteCall:
         return None
 
     async def chunks(self) -> AsyncIterator[tuple[list[int], protocol.GenerateOutput]]:
+        """(new ids, last chunk) per network read of the decode stream: under load one read holds several chunks,
+        whose ids come out together (one downstream event); the first token is passed on as soon as it is read.
+        The timeouts apply per read."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.first_token_s
         if self.plan.route is Route.PREFILL:
             self._prefill_task = asyncio.create_task(self._prefill_half())
             self._prefill_task.add_done_callback(_retrieve)
         guard = self._prefill_task
+        inter_token_s = self.timeouts.inter_token_s
         delta = DeltaIds()
         first = True
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stream = await _guarded(
-                    stack.enter_async_context(self.client.generate_stream(self.plan.decode.url, self.body)),
+                    stack.enter_async_context(self.client.generate_batches(self.plan.decode.url, self.payload)),
                     guard,
                     deadline,
                 )
@@ -182,33 +187,41 @@ class RouteCall:
                 while True:
                     try:
                         if first:
-                            out = await _guarded(anext(it), guard, deadline)
+                            batch = await _guarded(anext(it), guard, deadline)
                         else:
-                            out = await _with_timeout(anext(it), self.timeouts.inter_token_s)
+                            batch = await _with_timeout(anext(it), inter_token_s)
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
                         what = "first token" if first else "next token"
-                        limit = self.timeouts.first_token_s if first else self.timeouts.inter_token_s
+                        limit = self.timeouts.first_token_s if first else inter_token_s
                         raise OpenAIError(
                             504,
                             f"backend timed out waiting for the {what} (limit {limit:g} s)",
                             code="first_token_timeout" if first else "inter_token_timeout",
                         ) from None
-                    new_ids = delta.feed(out)
-                    self.last = out
-                    if out.finish_reason is not None:
-                        self.finished = True  # the server is done with this rid, whatever the reason
-                        if out.finish_reason.get("type") == "abort":
-                            # SGLang ends an aborted request's stream this way (failed KV transfer, overload, ...)
-                            message = out.finish_reason.get("message") or "aborted"
-                            status = out.finish_reason.get("status_code")
-                            raise DecodeAborted(
-                                self.plan.decode.url, f"request aborted by the server: {message}", status=status
-                            )
+                    new_ids: list[int] = []
+                    aborted: DecodeAborted | None = None
+                    for out in batch:
+                        new_ids += delta.feed(out)
+                        self.last = out
+                        if out.finish_reason is not None:
+                            self.finished = True  # the server is done with this rid, whatever the reason
+                            if out.finish_reason.get("type") == "abort":
+                                # SGLang ends an aborted request's stream this way (failed KV transfer, overload...)
+                                message = out.finish_reason.get("message") or "aborted"
+                                status = out.finish_reason.get("status_code")
+                                aborted = DecodeAborted(
+                                    self.plan.decode.url, f"request aborted by the server: {message}", status=status
+                                )
+                            break
+                    if aborted is not None and not new_ids:
+                        raise aborted
                     if new_ids or self.finished:
                         first = False
-                        yield new_ids, out
+                        yield new_ids, self.last  # type: ignore[misc]
+                    if aborted is not None:
+                        raise aborted  # after the tokens that came before it, as one chunk at a time did
                     if self.finished:
                         break
             if not self.finished:

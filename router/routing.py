@@ -368,8 +368,7 @@ class Router:
         if b is None or plan.released or plan.prefill_released:
             return
         plan.prefill_released = True
-        b.inflight -= 1
-        b.inflight_tokens -= plan.prompt_tokens
+        b.end_request(plan.prompt_tokens)
         self.metrics.inflight.labels(b.name).set(b.inflight)
 
     def release(self, plan: RoutePlan) -> None:
@@ -380,8 +379,7 @@ class Router:
         for b in plan.backends:
             if b is plan.prefill and plan.prefill_released:
                 continue
-            b.inflight -= 1
-            b.inflight_tokens -= plan.prompt_tokens
+            b.end_request(plan.prompt_tokens)
             self.metrics.inflight.labels(b.name).set(b.inflight)
 
     # --- learning from outcomes ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ppd.policies import Route
-from ppd.sglang.client import BackendError
+from ppd.sglang.client import BackendError, dumps
 from ppd.tokenizer import ChatTokenizer
 from router.errors import OpenAIError
 from router.pd import PrefillFailed, RouteCall
@@ -143,6 +143,7 @@ class Generation:
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.result: Result | None = None
+        self.return_token_ids = False  # the request's `return_token_ids`: output ids in the `ppd` object
         self._chunks = call.chunks()
         self._pending: list[str] = []
         self._done = False
@@ -192,6 +193,14 @@ class Generation:
     async def _close(self) -> None:
         self._done = True
         await self._chunks.aclose()
+
+    def usage_so_far(self) -> dict[str, int]:
+        n = len(self.text.ids)
+        return {
+            "prompt_tokens": self.plan.prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": self.plan.prompt_tokens + n,
+        }
 
     def abandon(self) -> None:
         """The request ended without an answer; what the server computed before that is still cached there."""
@@ -271,6 +280,8 @@ class Generation:
         ppd = ppd_object(plan, call.rid, kv_bytes, timings)
         ppd["ttft_ms"] = round(ttft_ms, 3)
         ppd["e2e_ms"] = round(e2e_ms, 3)
+        if self.return_token_ids:
+            ppd["output_ids"] = list(out_ids)
         self.result = Result(text, finish_reason, usage, ppd)
         return self.result
 
@@ -309,15 +320,25 @@ def error_from(exc: BaseException) -> OpenAIError:
 
 
 def sse(obj: dict[str, Any]) -> bytes:
+    """One SSE event. Text chunks go through orjson (one per token: the stream's hot path); an object that may hold
+    floats (the closing chunk's `ppd`) through json, which keeps writing a non-finite float as before."""
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+def sse_exact(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-async def sse_stream(gen: Generation, chunk_fn, first_fn, include_usage: bool) -> AsyncIterator[bytes]:
+async def sse_stream(
+    gen: Generation, chunk_fn, first_fn, include_usage: bool, continuous_usage: bool = False
+) -> AsyncIterator[bytes]:
     """OpenAI SSE: an opening chunk, text chunks, a chunk with finish_reason, a usage chunk if asked, [DONE].
-    The `ppd` object rides on the last chunk before [DONE]. Errors after the first byte become an error event."""
+    The `ppd` object rides on the last chunk before [DONE]. Errors after the first byte become an error event.
+    One text chunk per backend read: under load it carries the text of several tokens (with
+    `continuous_usage_stats`, its `usage` says how many tokens there are so far)."""
     outcome = "ok"
     try:
         opening = first_fn()
@@ -327,14 +348,17 @@ async def sse_stream(gen: Generation, chunk_fn, first_fn, include_usage: bool) -
         async with aclosing(gen.deltas()) as deltas:
             async for delta in deltas:
                 parts.append(delta)
-                yield sse(chunk_fn(delta, None))
+                obj = chunk_fn(delta, None)
+                if continuous_usage:
+                    obj["usage"] = gen.usage_so_far()
+                yield sse(obj)
         result = await gen.finish("".join(parts))
         final = chunk_fn(None, result.finish_reason)
         if include_usage:
             yield sse(final)
-            yield sse({**chunk_fn(None, None, empty=True), "usage": result.usage, "ppd": result.ppd})
+            yield sse_exact({**chunk_fn(None, None, empty=True), "usage": result.usage, "ppd": result.ppd})
         else:
-            yield sse({**final, "ppd": result.ppd})
+            yield sse_exact({**final, "ppd": result.ppd})
         yield SSE_DONE
     except BaseException as exc:
         if isinstance(exc, Exception):

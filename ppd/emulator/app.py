@@ -183,11 +183,13 @@ async def _wait_or_disconnect(job, request: Request, poll_s: float = 0.5) -> boo
 
 
 async def _stream(server: EmulatedServer, job):
-    """SGLang's stream: `data: {...}` chunks with cumulative output_ids, then `data: [DONE]`. The ids' JSON grows
-    by appending (a long stream would otherwise re-encode all its ids for every token); meta_info.ppd rides on the
-    first and the last chunk."""
+    """SGLang's stream: `data: {...}` chunks with cumulative output_ids (or only the new ones, as SGLang's
+    `--incremental-streaming-output`: sglang.incremental_streaming_output), then `data: [DONE]`. Cumulative ids' JSON
+    grows by appending (a long stream would otherwise re-encode all its ids for every token); meta_info.ppd rides on
+    the first and the last chunk."""
     sent = 0
     ids_text = bytearray()
+    incremental = server.cfg.sglang.incremental_streaming_output
     try:
         while True:
             await job.changed.wait()
@@ -197,7 +199,10 @@ async def _stream(server: EmulatedServer, job):
             n = len(job.output_ids)
             if n > sent or job.finished:
                 new = ",".join(str(i) for i in job.output_ids[sent:n]).encode()
-                ids_text += (b"," + new) if sent and new else new
+                if incremental:
+                    ids_text = bytearray(new)
+                else:
+                    ids_text += (b"," + new) if sent and new else new
                 meta = server.meta_info(job, with_timings=sent == 0 or job.finished)
                 sent = n
                 yield b'data: {"text":"","output_ids":[' + ids_text + b'],"meta_info":' + _dumps(meta) + b"}\n\n"

@@ -6,9 +6,12 @@ already at its admission limit); otherwise the cheaper route by `ppd.costmodel.r
 keeps its previous route unless the other one is cheaper by more than max(hysteresis_ms, hysteresis_rel x cost), so
 near-ties do not flap.
 
-Backend metrics are polled (every 0.5 s by default), so a request that just finished may still show as queued or
-running; with `router_counts_bound=True` (the default: every request reaches the backends through this router) the
-router's own in-flight count per server bounds them.
+Backend metrics are polled (every 0.5 s by default); the router corrects them between polls with the requests it
+started and saw end since (router/backends.py), so a request that just finished does not linger as queued or running,
+and load from other clients (other routers, traffic sent to the servers directly) still counts.
+`router_counts_bound=True` caps them by the router's own in-flight counts instead: only right when every request
+reaches the backends through this one router (with direct traffic it would hide all of it: on 2 x H200, 32 streams
+sent straight to the decode server became 0 running streams and `auto` took the D-route into them).
 
 Params (router.policy_params): interference_weight, hysteresis_ms, hysteresis_rel, router_counts_bound, calibrate,
 calibration_window, refit_every, min_route_obs, and any numeric CostParams field (e.g. link_bytes_per_s,
@@ -54,7 +57,7 @@ class AutoPolicy:
         interference_weight: float = 1.0,
         hysteresis_ms: float = 2.0,
         hysteresis_rel: float = 0.05,
-        router_counts_bound: bool = True,
+        router_counts_bound: bool = False,
         calibrate: bool = True,
         calibration_window: int = 512,
         refit_every: int = 16,

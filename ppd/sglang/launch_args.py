@@ -49,6 +49,8 @@ def server_argv(cfg: StackConfig, server: ServerConfig, role: Role, python: str 
     argv += ["--load-format", sg.load_format]
     argv += ["--skip-tokenizer-init"]  # the router tokenizes and sends input_ids
     argv += ["--enable-metrics"]  # the router polls /metrics for running/queued requests (the cost model's load)
+    if sg.incremental_streaming_output:
+        argv += ["--incremental-streaming-output"]
     argv += ["--attention-backend", sg.attention_backend]
     argv += ["--sampling-backend", sg.sampling_backend]
     argv += ["--mem-fraction-static", str(sg.mem_fraction_static)]

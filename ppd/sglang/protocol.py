@@ -77,7 +77,8 @@ def finish_reason_to_openai(reason: dict[str, Any] | None) -> str | None:
 
 @dataclass
 class GenerateOutput:
-    """One /generate response or stream chunk. `output_ids` is cumulative (SGLang's default, non-incremental)."""
+    """One /generate response or stream chunk. In a stream, `output_ids` is cumulative (SGLang's default) or only the
+    new ids (`--incremental-streaming-output`); `client.DeltaIds` reads either."""
 
     output_ids: list[int]
     meta_info: dict[str, Any] = field(default_factory=dict)

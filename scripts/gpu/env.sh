@@ -130,3 +130,17 @@ collect() {
     > "$OUT/$tag-summary.txt"
   say "collected $OUT/$tag.tgz ($(du -h "$OUT/$tag.tgz" | cut -f1))"
 }
+
+# restart_pd_tcp: the PD pair restarted with KV over Mooncake TCP (MC_FORCE_TCP=1), the decode server with our local
+# appends, and the router told link.kind=mooncake-tcp (so `auto` prices the slow link and skips the NVLink fit)
+restart_pd_tcp() {
+  for name in router prefill-0 decode-0; do stop $name; done
+  wait_gpu_free 0
+  wait_gpu_free 1
+  start prefill-0 --set sglang.transport=tcp
+  start decode-0 --set sglang.transport=tcp --set sglang.decode_local_append=true
+  wait_up 240 prefill-0 decode-0 || return 1
+  start router --set router.policy=auto --set sglang.decode_local_append=true --set sglang.transport=tcp \
+    --set link.kind=mooncake-tcp
+  wait_up 90 router
+}

@@ -15,14 +15,18 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 here=$root/scripts/gpu
 cd "$root"
 out=.gpu-stage
-CHUNK_MIB=${CHUNK_MIB:-58}
+# default chunk size: what the 64 MiB of a call leaves after the working tree, less 6 MiB for the tree's growth
+# (files deleted but not yet committed make du complain: ignore them)
+tree_size() { git ls-files -co --exclude-standard -z | (du -cb --files0-from=- 2>/dev/null || true) | tail -1 | cut -f1; }
+tree_mib=$(( $(tree_size) / 1024 / 1024 ))
+CHUNK_MIB=${CHUNK_MIB:-$((64 - tree_mib - 6))}
 PY=${PYTHON:-python3}
 PLAT=(--python-version 3.12 --implementation cp --only-binary=:all:
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64
   --platform manylinux_2_28_x86_64)
 say() { echo "[stage +${SECONDS}s] $*"; }
 
-tree_bytes=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+tree_bytes=$(tree_size)
 limit=$((64 * 1024 * 1024))
 if [ $((tree_bytes + CHUNK_MIB * 1024 * 1024)) -ge $limit ]; then
   echo "[stage] working tree ($((tree_bytes / 1024 / 1024)) MiB) + a ${CHUNK_MIB} MiB chunk exceeds the 64 MiB a device call" \
@@ -30,6 +34,14 @@ if [ $((tree_bytes + CHUNK_MIB * 1024 * 1024)) -ge $limit ]; then
   exit 1
 fi
 
+if [ "${RECHUNK:-0}" = 1 ] && [ -f "$out/bundle.sha256" ]; then
+  # RECHUNK=1: the bundle is already staged (the wheel list unchanged); only cut it again for a grown working tree
+  say "re-cutting the staged bundle into ${CHUNK_MIB} MiB chunks"
+  cat $(ls "$out"/[0-9]*/chunk_* | sort -t_ -k2) > "$out/bundle.tar"
+  [ "$(sha256sum "$out/bundle.tar" | cut -d' ' -f1)" = "$(cat "$out/bundle.sha256")" ] || { echo "[stage] staged chunks do not match bundle.sha256: run without RECHUNK" >&2; exit 1; }
+  rm -rf "$out"/[0-9]*
+  (cd "$out" && split -b "${CHUNK_MIB}m" -d -a 2 bundle.tar chunk_ && rm bundle.tar)
+else
 rm -rf "$out"
 mkdir -p "$out/bundle/wheels" "$out/bundle/kernel"
 say "downloading $(grep -cv '^#' "$here/wheels.txt") wheels for cp312 manylinux x86_64"
@@ -52,6 +64,7 @@ say "packing and cutting into ${CHUNK_MIB} MiB chunks"
 (cd "$out" && tar -cf bundle.tar -C bundle MANIFEST wheels kernel && rm -rf bundle &&
   sha256sum bundle.tar | cut -d' ' -f1 > bundle.sha256 &&
   split -b "${CHUNK_MIB}m" -d -a 2 bundle.tar chunk_ && rm bundle.tar)
+fi
 chunks=()
 for c in "$out"/chunk_*; do
   n=${c##*_}

@@ -75,9 +75,12 @@ def test_short_simulate(tmp_path):
 
 def test_simulated_bench(tmp_path):
     out = tmp_path / "bsim"
-    argv = ["bench", "--simulate", "--cells", "heavy-light,multiturn", "--rates", "2,4", "--duration-s", "10"]
+    argv = ["bench", "--simulate", "--cells", "heavy-light,multiturn", "--rates", "2,4", "--duration-s", "6"]
     assert main([*argv, "--output-dir", str(out), "--quiet"]) == 0
     doc = json.loads((out / "bench-simulated.json").read_text())
     assert doc["backend"] == "simulated" and len(doc["runs"]) == 2 * 2 * 3
     assert all(r["ok"] == r["requests"] > 0 for r in doc["runs"])
     assert (out / "bench-simulated.png").read_bytes()[:4] == b"\x89PNG"
+    (out / "bench-simulated.md").unlink()
+    assert main(["bench", "--simulate", "--report-only", "--output-dir", str(out)]) == 0
+    assert "simulated by `ppd simulate`" in (out / "bench-simulated.md").read_text()

@@ -108,7 +108,9 @@ async def test_mooncake_bytes_equal_the_kv_formula_on_both_sides(servers):
     assert d.json()["meta_info"]["ppd"]["kv_integrity_ok"] is True
 
 
-async def test_stream_is_cumulative_and_ends_with_done(servers):
+async def test_stream_is_incremental_and_ends_with_done(servers):
+    """The default (sglang.incremental_streaming_output, SGLang's --incremental-streaming-output): each chunk carries
+    only the ids generated since the previous one."""
     async with httpx.AsyncClient(timeout=30) as client:
         prompt = ids(200, seed=5)
         want = (await client.post(servers["colocated"].url + "/generate", json=body(prompt, 6))).json()["output_ids"]
@@ -116,7 +118,7 @@ async def test_stream_is_cumulative_and_ends_with_done(servers):
         b = body(prompt, 6, bootstrap_host="127.0.0.1", bootstrap_port=servers["bootstrap_port"], bootstrap_room=room)
         b["stream"] = True
         prefill = asyncio.create_task(client.post(servers["prefill"].url + "/generate", json=b))
-        chunks, lines = [], []
+        lines = []
         async with client.stream("POST", servers["decode"].url + "/generate", json=b) as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
             async for line in resp.aiter_lines():
@@ -125,12 +127,34 @@ async def test_stream_is_cumulative_and_ends_with_done(servers):
         await prefill
         assert lines[-1] == "data: [DONE]"
         chunks = [json.loads(x[5:]) for x in lines[:-1]]
-        assert chunks[-1]["output_ids"] == want
-        for a, b2 in zip(chunks, chunks[1:], strict=False):
-            assert b2["output_ids"][: len(a["output_ids"])] == a["output_ids"]  # cumulative
+        assert [i for c in chunks for i in c["output_ids"]] == want
         assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
         assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+        done = 0
+        for c in chunks:
+            done += len(c["output_ids"])
+            assert c["meta_info"]["completion_tokens"] == done
+
+
+async def test_stream_is_cumulative_without_incremental_output(tmp_path):
+    """sglang.incremental_streaming_output: false = SGLang's default stream: every chunk repeats all ids so far."""
+    cfg = stack_dict(time_scale=0.05)
+    cfg["sglang"] = {"incremental_streaming_output": False}
+    procs = start_servers(cfg, ("colocated",), tmp_path)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            prompt = ids(120, seed=6)
+            url = procs["colocated"].url + "/generate"
+            want = (await client.post(url, json=body(prompt, 6))).json()["output_ids"]
+            b = {**body(prompt, 6), "stream": True}
+            async with client.stream("POST", url, json=b) as resp:
+                chunks = [json.loads(x[5:]) async for x in resp.aiter_lines() if x and x != "data: [DONE]"]
+        assert chunks[-1]["output_ids"] == want
+        for a, b2 in zip(chunks, chunks[1:], strict=False):
+            assert b2["output_ids"][: len(a["output_ids"])] == a["output_ids"]
         assert all(c["meta_info"]["completion_tokens"] == len(c["output_ids"]) for c in chunks)
+    finally:
+        stop_servers(procs)
 
 
 async def test_decode_half_without_its_prefill_times_out(servers):
@@ -161,7 +185,8 @@ async def test_abort_request_ends_a_running_stream(servers):
                     if len(got) == 3:
                         assert (await client.post(url + "/abort_request", json={"rid": "to-abort"})).status_code == 200
         assert got[-1]["meta_info"]["finish_reason"]["type"] == "abort"
-        assert 3 <= len(got[-1]["output_ids"]) < 50000
+        assert 3 <= got[-1]["meta_info"]["completion_tokens"] < 50000
+        assert sum(len(c["output_ids"]) for c in got) == got[-1]["meta_info"]["completion_tokens"]  # incremental
 
 
 @pytest.mark.parametrize(

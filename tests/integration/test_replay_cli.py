@@ -60,9 +60,13 @@ def test_short_replay(tmp_path):
         "--output-dir",
         str(out),
         "--no-progress",
+        "--flush-caches",
     ]
     assert main(argv) == 0
     doc = json.loads((out / "replay.json").read_text())
+    # --flush-caches: both servers emptied before each (scenario, policy)
+    flushes = doc["config"]["cache_flushes"]
+    assert len(flushes) == 4 and all(len(f["flushed"]) == 2 and all(f["flushed"].values()) for f in flushes)
     assert {"config", "start_time", "end_time", "scenarios", "requests"} <= set(doc)
     assert set(doc["scenarios"]) == {"chat", "sharegpt"}
     for scen, entry in doc["scenarios"].items():

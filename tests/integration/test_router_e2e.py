@@ -174,3 +174,30 @@ def test_client_disconnect_aborts_backend_work(stack):
     assert _decode_metrics(stack).running_reqs == 0  # 4000 tokens would take seconds; the backend stopped
     metrics = httpx.get(stack.router_url + "/metrics").text
     assert 'outcome="client_disconnect"' in metrics
+
+
+def test_return_token_ids_gives_the_same_ids_by_both_routes(client):
+    """`return_token_ids` (vLLM's extension) puts the answer's ids in the `ppd` object; greedy output of one prompt
+    is the same by the P-route and by the D-route, id for id, streamed or not."""
+    messages = fresh("Why move KV at all?")
+    got = {}
+    for policy in ("prefill", "decode"):
+        _, completion = chat(client, messages, policy, extra_body={"return_token_ids": True})
+        ids = completion.model_extra["ppd"]["output_ids"]
+        assert len(ids) == completion.usage.completion_tokens
+        assert TOK.decode(ids) == completion.choices[0].message.content
+        got[policy] = ids
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        extra_headers={"x-ppd-policy": "prefill"},
+        extra_body={"return_token_ids": True},
+    )
+    last = [c for c in stream][-1]
+    got["stream"] = last.model_extra["ppd"]["output_ids"]
+    assert got["prefill"] == got["decode"] == got["stream"]
+    _, plain = chat(client, fresh("no ids asked"), "prefill")
+    assert "output_ids" not in plain.model_extra["ppd"]

@@ -4,6 +4,7 @@
 import csv
 import json
 
+import httpx
 import pytest
 
 from ppd.cli import main
@@ -36,6 +37,7 @@ def sweep_dir(embedded_stack, tmp_path_factory):
         "--output-dir",
         str(out),
         "--no-progress",
+        "--flush-caches",
     ]
     assert main(argv) == 0
     return out, argv
@@ -47,6 +49,10 @@ def test_outputs_well_formed(sweep_dir):
     assert {"config", "start_time", "end_time", "summary", "results"} <= set(doc)
     measured = doc["config"]["policies_measured"]
     assert {"prefill", "decode"} <= set(measured)
+    # --flush-caches: every server (1 prefill + 1 decode) emptied before each background level
+    flushes = doc["config"]["cache_flushes"]
+    assert [f["background_streams"] for f in flushes] == [0, 4]
+    assert all(len(f["flushed"]) == 2 and all(f["flushed"].values()) for f in flushes)
     results = doc["results"]
     assert len(results) == 2 * 4 * len(measured)  # N in {0, 4} x 4 grid points x policies
     assert doc["summary"]["total_tests"] == len(results)
@@ -98,3 +104,30 @@ def test_rerun_resumes(sweep_dir, capsys):
     after = json.loads((out / "sweep.json").read_text())
     assert len(after["results"]) == len(before["results"])
     assert after["config"]["resumed_from"] == len(before["results"])
+
+
+def _routed_requests(router_url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{router_url}/metrics", timeout=10).text
+    return sum(
+        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "ppd_requests_total"
+    )
+
+
+def test_background_streams_direct_bypass_the_router(embedded_stack, tmp_path):
+    """--bg-direct: the N background streams go straight to the prefill + decode servers (PD protocol); the router
+    sees only each point's warm-up and append."""
+    stack = embedded_stack()
+    before = _routed_requests(stack.router_url)
+    argv = ["sweep", "--router-url", stack.router_url, "--validate-only", "--policies", "prefill,decode"]
+    argv += ["--background-streams", "3", "--bg-direct", "--bg-prompt-tokens", "128", "--bg-output-tokens", "120"]
+    argv += ["--bg-before-tokens", "4", "--max-new-tokens", "4", "--output-dir", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(doc["results"]) == 2 and all(r["ok"] for r in doc["results"])
+    for r in doc["results"]:
+        assert r["metrics"]["bg_streams_measured"] == 3
+        assert r["metrics"]["bg_tpot_before_p50_ms"] > 0
+    # (policy probe + warm-up + append) x 2 policies; none of the 3 background streams
+    assert _routed_requests(stack.router_url) - before == 3 * 2

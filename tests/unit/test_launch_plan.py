@@ -19,6 +19,7 @@ SGLANG_COMMON = [
     "--load-format", "dummy",
     "--skip-tokenizer-init",
     "--enable-metrics",
+    "--incremental-streaming-output",
     "--attention-backend", "triton",
     "--sampling-backend", "pytorch",
     "--mem-fraction-static", "0.8",

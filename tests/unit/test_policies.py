@@ -92,19 +92,21 @@ def test_auto_deep_prefill_queue_pushes_to_decode():
     assert AutoPolicy(CTX).decide(queued).route is Route.DECODE
 
 
-def test_auto_bounds_stale_metrics_by_the_routers_own_counts():
-    """A request that just finished still shows in the polled metrics; the router knows nothing is in flight."""
+def test_auto_router_counts_bound_is_opt_in():
+    """By default the load the router passes in counts (it includes other clients' requests); with
+    router_counts_bound=True (only one router, no direct traffic) the router's own in-flight counts cap it."""
     x = synthetic_input(512, 8192, background_streams=8)
     stale = dataclasses.replace(x, prefill=ServerLoad("p", queued_reqs=20, running_reqs=1, inflight=0))
-    assert AutoPolicy(CTX).decide(stale).route is Route.PREFILL
-    p_score = AutoPolicy(CTX).score(stale)[0]
-    assert p_score.terms["queue_ms"] == 0.0
-    trusting = AutoPolicy(CTX, router_counts_bound=False)
-    assert trusting.decide(stale).route is Route.DECODE
-    # decode side: 8 streams in the metrics, the router has 2 open there -> interference of 2
+    assert AutoPolicy(CTX).decide(stale).route is Route.DECODE  # 20 queued on P: the D-route
+    bounded = AutoPolicy(CTX, router_counts_bound=True)
+    assert bounded.decide(stale).route is Route.PREFILL
+    assert bounded.score(stale)[0].terms["queue_ms"] == 0.0
+    # decode side: 8 streams in the metrics, none of them through this router (inflight 0)
+    d_score = AutoPolicy(CTX).score(x)[1]
+    assert d_score.terms["interference_ms"] == pytest.approx(8 * d_score.terms["prefill_ms"])
     fewer = dataclasses.replace(x, decode=dataclasses.replace(x.decode, inflight=2))
-    d_score = AutoPolicy(CTX).score(fewer)[1]
-    assert d_score.terms["interference_ms"] == pytest.approx(2 * d_score.terms["prefill_ms"])
+    d_bounded = bounded.score(fewer)[1]
+    assert d_bounded.terms["interference_ms"] == pytest.approx(2 * d_bounded.terms["prefill_ms"])
 
 
 def test_auto_unknown_param_is_an_error():
