@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import urllib.parse
 from dataclasses import dataclass
 
 import httpx
@@ -35,11 +34,6 @@ class DirectPD:
     prefill_url: str
     bootstrap_port: int
     decode_url: str
-
-    @property
-    def bootstrap_host(self) -> str:
-        host = urllib.parse.urlparse(self.prefill_url).hostname or ""
-        return f"[{host}]" if ":" in host else host
 
 
 async def discover_pd(client: httpx.AsyncClient, router_url: str) -> DirectPD:
@@ -135,7 +129,7 @@ class BackgroundPool:
         sampling = {"max_new_tokens": self.output_tokens, "temperature": 0.0, "ignore_eos": True}
         body = protocol.with_bootstrap(
             protocol.generate_body(ids, sampling, stream=True, rid=f"bg-{self.seed}-{self.generation}-{i}"),
-            pd.bootstrap_host,
+            protocol.bootstrap_hostname(pd.prefill_url),
             pd.bootstrap_port,
             protocol.new_bootstrap_room(),
         )

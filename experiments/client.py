@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from experiments.gpu_common import flush_cache
 from experiments.metrics import RequestTiming
 
 PPD_HEADERS = (
@@ -83,13 +84,14 @@ async def stream_request(
 ) -> StreamResult:
     """POST a streaming completion (or chat completion) and time every content chunk.
 
-    A chunk counts as a token arrival when it carries text (the router sends one per decoded delta; the opening
-    role chunk, the finish chunk and the usage chunk carry none). Tokens whose bytes do not yet decode to text
-    arrive with the next chunk; TPOT divides by usage.completion_tokens, so it is unaffected.
+    A chunk that carries text is the arrival of every token generated since the previous one: the router sends a
+    text chunk per backend read, which under load holds several tokens, and says how many so far in the chunk's
+    `usage` (`stream_options.continuous_usage_stats`). The opening role chunk, the finish chunk and the usage chunk
+    carry no text; tokens whose bytes do not yet decode to text arrive with the next chunk.
     `on_token(t)` is called with each arrival time (used by background streams to publish progress).
     """
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    body = {**body, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     res = StreamResult(arrival_s=time.perf_counter())
     try:
         async with client.stream("POST", base_url + path, json=body, headers=headers or {}) as resp:
@@ -116,10 +118,13 @@ async def stream_request(
                 for choice in obj.get("choices") or []:
                     text = _chunk_text(choice)
                     if text:
-                        res.token_times_s.append(now)
+                        so_far = int((obj.get("usage") or {}).get("completion_tokens") or 0)
+                        k = max(1, so_far - len(res.token_times_s))  # tokens this chunk carries
+                        res.token_times_s.extend([now] * k)
                         res.text += text
                         if on_token is not None:
-                            on_token(now)
+                            for _ in range(k):
+                                on_token(now)
                         break
             res.end_s = time.perf_counter()
     except httpx.HTTPError as err:
@@ -158,10 +163,7 @@ async def flush_server_caches(client: httpx.AsyncClient, router_url: str, wait_s
         deadline = time.monotonic() + wait_s
         ok = False
         while not ok and time.monotonic() < deadline:
-            try:
-                ok = (await client.post(f"{url}/flush_cache", params={"timeout": 10}, timeout=30.0)).status_code == 200
-            except httpx.HTTPError:
-                ok = False
+            ok = await flush_cache(client, url)
             if not ok:
                 await asyncio.sleep(1.0)
         out[url] = ok

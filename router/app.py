@@ -379,7 +379,7 @@ async def _start(
         rid = uuid.uuid4().hex
         body = protocol.generate_body(prompt_ids, sampling, stream=True, rid=rid)
         call = RouteCall(state.client, plan, body, state.timeouts, on_prefill_done=state.router.release_prefill)
-        gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0)
+        gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0, req.return_token_ids)
         try:
             await until_disconnect(request, gen.prime())
             return gen
@@ -445,7 +445,6 @@ async def _serve(
         gen = await _start(state, request, endpoint, req, prompt_ids, max_new, t0)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    gen.return_token_ids = req.return_token_ids
     request_id = incoming if _REQUEST_ID.match(incoming) else gen.call.rid
     headers = _route_headers(gen.plan, request_id)
     model = state.cfg.model.served_name

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import sys
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,19 +51,13 @@ class DecodeAborted(BackendError):
     """The answering server ended the request with finish_reason abort (failed KV transfer, overload, ...)."""
 
 
-def bootstrap_hostname(url: str) -> str:
-    """mini_lb: the prefill URL's hostname, IPv6 wrapped in brackets."""
-    host = urllib.parse.urlparse(url).hostname or ""
-    return f"[{host}]" if ":" in host else host
-
-
 def backend_body(plan: RoutePlan, body: dict[str, Any]) -> dict[str, Any]:
     """The exact /generate body each route sends (the same one to both servers on the P-route)."""
     room = protocol.new_bootstrap_room()
     if plan.route is Route.PREFILL:
         assert plan.prefill is not None
         return protocol.with_bootstrap(
-            body, bootstrap_hostname(plan.prefill.url), int(plan.prefill.server.bootstrap_port or 0), room
+            body, protocol.bootstrap_hostname(plan.prefill.url), int(plan.prefill.server.bootstrap_port or 0), room
         )
     if plan.route is Route.DECODE:
         return protocol.local_append(body, room)

@@ -132,7 +132,14 @@ class Generation:
     plain HTTP errors); `deltas()` yields the text; `result` is set when it ends."""
 
     def __init__(
-        self, state: RouterState, endpoint: str, plan: RoutePlan, call: RouteCall, stops: list[str], t0: float
+        self,
+        state: RouterState,
+        endpoint: str,
+        plan: RoutePlan,
+        call: RouteCall,
+        stops: list[str],
+        t0: float,
+        return_token_ids: bool = False,  # the request's `return_token_ids`: output ids in the `ppd` object
     ):
         self.state = state
         self.endpoint = endpoint
@@ -143,7 +150,7 @@ class Generation:
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.result: Result | None = None
-        self.return_token_ids = False  # the request's `return_token_ids`: output ids in the `ppd` object
+        self.return_token_ids = return_token_ids
         self._chunks = call.chunks()
         self._pending: list[str] = []
         self._done = False

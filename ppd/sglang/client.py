@@ -161,32 +161,19 @@ def _parse_chunk(url: str, line: bytes | str) -> GenerateOutput | None:
     return GenerateOutput.from_json(obj)
 
 
-async def _flatten(batches: AsyncIterator[list[GenerateOutput]]) -> AsyncIterator[GenerateOutput]:
-    async for batch in batches:
-        for out in batch:
-            yield out
-
-
 class SGLangClient:
     def __init__(self, http: httpx.AsyncClient):
         self.http = http
         self._background: set[asyncio.Task] = set()
 
     @asynccontextmanager
-    async def generate_stream(
-        self, url: str, body: dict[str, Any] | bytes
-    ) -> AsyncIterator[AsyncIterator[GenerateOutput]]:
-        """POST /generate with stream=True; yields an iterator of chunks. Raises BackendError on connect/non-200.
-        `body` may come encoded already (`dumps`): the P-route sends the same one to two servers."""
-        async with self.generate_batches(url, body) as batches:
-            yield _flatten(batches)
-
-    @asynccontextmanager
     async def generate_batches(
         self, url: str, body: dict[str, Any] | bytes
     ) -> AsyncIterator[AsyncIterator[list[GenerateOutput]]]:
-        """`generate_stream`, but one list per network read: every chunk that had arrived by then. At low load that
-        is one chunk; under load the caller handles several at once (one downstream event for all their tokens)."""
+        """POST /generate with stream=True; yields an iterator of chunk lists, one per network read: every chunk
+        that had arrived by then. At low load that is one chunk; under load the caller handles several at once (one
+        downstream event for all their tokens). Raises BackendError on connect/non-200. `body` may come encoded
+        already (`dumps`): the P-route sends the same one to two servers."""
         try:
             content = body if isinstance(body, bytes) else dumps(body)
             request = self.http.build_request("POST", f"{url}/generate", content=content, headers=JSON_HEADERS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,12 @@ def generate_body(
     if rid is not None:
         body["rid"] = rid
     return body
+
+
+def bootstrap_hostname(url: str) -> str:
+    """mini_lb: the prefill URL's hostname, IPv6 wrapped in brackets."""
+    host = urllib.parse.urlparse(url).hostname or ""
+    return f"[{host}]" if ":" in host else host
 
 
 def with_bootstrap(body: dict[str, Any], bootstrap_host: str, bootstrap_port: int, room: int) -> dict[str, Any]:

@@ -9,14 +9,6 @@ step context_table_nvlink 200 python3 -m experiments.gpu_context_table "${PD_ARG
   --lengths 1024,2048,4096,8192,16384,32768,65536,128000 --out "$RES/context_table_pd_nvlink.json"
 step identity_stock 60 python3 -m experiments.gpu_identity run "${PD_ARGS[@]}" --paths prefill --suffix @stock \
   --out "$RES/identity_stock_prefill.json"
-bg sglang-router python3 -m sglang_router.launch_router --pd-disaggregation --prefill "$P" "$BP" --decode "$D" \
-  --host 127.0.0.1 --port 8100
-bg mini-lb python3 -m sglang_router.launch_router --pd-disaggregation --mini-lb --prefill "$P" "$BP" --decode "$D" \
-  --host 127.0.0.1 --port 8200
-wait_up 45 sglang-router mini-lb || say "a reference router is not up (its rows will show errors)"
-step router_compare 240 python3 -m experiments.gpu_router_compare --prefill "$P" --decode "$D" --ours "$R" --sglang http://127.0.0.1:8100 \
-  --mini-lb http://127.0.0.1:8200 --lengths 512,2048,8192 --reps 9 --warmup 2 --out "$RES/router_compare.json"
-stop sglang-router
-stop mini-lb
+router_compare
 step sweep_minimal_prefill 150 python3 -m ppd.cli sweep --router-url "$R" --minimal --policies prefill \
   --output-dir "$RES/sweep_minimal_prefill" --name sweep --no-progress

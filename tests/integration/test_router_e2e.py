@@ -42,6 +42,20 @@ def chat(client, messages, policy: str | None = None, conversation: str | None =
     return raw.headers, raw.parse()
 
 
+def chat_stream(client, messages, policy: str, **kw) -> list:
+    """Every chunk of a streamed chat completion (12 tokens, greedy) by the given policy."""
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        extra_headers={"x-ppd-policy": policy},
+        **kw,
+    )
+    return list(stream)
+
+
 def test_chat_route_header_and_usage(client):
     for policy in ("prefill", "decode"):
         messages = fresh("Describe the KV cache of a transformer.")
@@ -64,16 +78,7 @@ def test_chat_route_header_and_usage(client):
 def test_stream_matches_non_stream(client):
     messages = fresh("Stream me a short story.")
     _, whole = chat(client, messages, "decode")
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_headers={"x-ppd-policy": "prefill"},
-    )
-    chunks = list(stream)
+    chunks = chat_stream(client, messages, "prefill", stream_options={"include_usage": True})
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -187,16 +192,7 @@ def test_return_token_ids_gives_the_same_ids_by_both_routes(client):
         assert len(ids) == completion.usage.completion_tokens
         assert TOK.decode(ids) == completion.choices[0].message.content
         got[policy] = ids
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        extra_headers={"x-ppd-policy": "prefill"},
-        extra_body={"return_token_ids": True},
-    )
-    last = [c for c in stream][-1]
+    last = chat_stream(client, messages, "prefill", extra_body={"return_token_ids": True})[-1]
     got["stream"] = last.model_extra["ppd"]["output_ids"]
     assert got["prefill"] == got["decode"] == got["stream"]
     _, plain = chat(client, fresh("no ids asked"), "prefill")

@@ -11,7 +11,6 @@ from router_fakes import D_URL, P_URL, make_config, running_router
 from ppd.sglang import protocol
 from ppd.sglang.client import DeltaIds, SGLangClient, parse_metrics
 from ppd.tokenizer import ChatTokenizer
-from router.pd import bootstrap_hostname
 
 CHAT = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Tell me about KV caches."}]}
 P_ROUTE_KEYS = {"input_ids", "sampling_params", "stream", "rid", "bootstrap_host", "bootstrap_port", "bootstrap_room"}
@@ -37,9 +36,9 @@ def test_bodies_match_mini_lb():
 
 
 def test_bootstrap_hostname_like_mini_lb():
-    assert bootstrap_hostname("http://10.0.0.1:30100") == "10.0.0.1"
-    assert bootstrap_hostname("http://[::1]:30100") == "[::1]"  # maybe_wrap_ipv6_address
-    assert bootstrap_hostname("http://prefill-0.svc:30100") == "prefill-0.svc"
+    assert protocol.bootstrap_hostname("http://10.0.0.1:30100") == "10.0.0.1"
+    assert protocol.bootstrap_hostname("http://[::1]:30100") == "[::1]"  # maybe_wrap_ipv6_address
+    assert protocol.bootstrap_hostname("http://prefill-0.svc:30100") == "prefill-0.svc"
 
 
 def test_delta_ids_cumulative_and_incremental():
