@@ -20,6 +20,11 @@ in front of the same emulated prefill/decode servers, then, routers alternating:
    /generate chunks through meta_info.completion_tokens). Keep the emulator fast (small time_scale) so the router,
    not the servers, sets the pace.
 
+`--mini-lb` adds sglang-router's Python mini-lb (`launch_router --mini-lb`, aiohttp) as a third router on the
+request-path part. On the emulated servers the Rust router's TTFT carries a constant ~40 ms that neither mini-lb nor
+ours shows (the same servers, the same /generate bodies; on real SGLang it is the fastest of the three: results/h200x2/
+README.md): compare TTFT with mini-lb here, CPU with both.
+
 The box this was built on has 2 cores shared with other work: wall-clock figures are noisy there, CPU-time figures
 are the robust ones (many repetitions, medians).
 """
@@ -239,12 +244,15 @@ async def block(proc: psutil.Process, idle: float, fn, n: int) -> tuple[list[dic
     return res, cpu * 1000 / n
 
 
-def start_rust(prefill: str, bootstrap_port: int, decode: str, port: int, prom_port: int, log: pathlib.Path):
+def start_rust(
+    prefill: str, bootstrap_port: int, decode: str, port: int, prom_port: int, log: pathlib.Path, mini_lb: bool = False
+):
     cmd = [
         sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
         "--prefill", prefill, str(bootstrap_port), "--decode", decode,
-        "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prom_port), "--log-level", "warn",
+        "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
+    cmd += ["--mini-lb"] if mini_lb else ["--prometheus-port", str(prom_port), "--log-level", "warn"]
     f = log.open("w")
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), cmd
 
@@ -271,7 +279,14 @@ def find_router_pid(stack) -> int:
     return proc.pid
 
 
-async def measure(args: argparse.Namespace, ours_url: str, rust_url: str, ours_pid: int, rust_pid: int) -> dict:
+async def measure(
+    args: argparse.Namespace,
+    ours_url: str,
+    rust_url: str,
+    ours_pid: int,
+    rust_pid: int,
+    minilb: tuple[str, int] | None = None,
+) -> dict:
     from ppd.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.load("builtin")
@@ -279,13 +294,19 @@ async def measure(args: argparse.Namespace, ours_url: str, rust_url: str, ours_p
     hi = tok.vocab_size - 1
     ours_p, rust_p = psutil.Process(ours_pid), psutil.Process(rust_pid)
     print(f"router pids: ours {ours_pid}, rust {rust_pid}", flush=True)
+    urls = {"ours": ours_url, "rust": rust_url}
+    proc_of = {"ours": ours_p, "rust": rust_p}
     variants = ["rust-generate-ids", "ours-completions-ids", "ours-completions-text", "ours-chat-text"]
     variants = [v for v in variants if v.split("-")[0] == "rust" or v.split("-", 1)[1] in args.ours_variants]
+    if minilb is not None:  # sglang-router's Python mini-lb (aiohttp), the same /generate as the Rust router
+        urls["minilb"], proc_of["minilb"] = minilb[0], psutil.Process(minilb[1])
+        variants.insert(1, "minilb-generate-ids")
 
     def call(variant: str, n_tokens: int, n_out: int):
         async def fn() -> dict[str, Any]:
-            if variant == "rust-generate-ids":
-                return await rust_generate(c, rust_url, [rng.randint(10, hi) for _ in range(n_tokens)], n_out)
+            if variant.endswith("generate-ids"):
+                who = variant.split("-")[0]
+                return await rust_generate(c, urls[who], [rng.randint(10, hi) for _ in range(n_tokens)], n_out)
             kind = "chat" if "chat" in variant else "completions"
             prompt = [rng.randint(10, hi) for _ in range(n_tokens)] if variant.endswith("ids") else texts.pop()
             return await ours_openai(c, ours_url, kind, prompt, n_out)
@@ -300,9 +321,8 @@ async def measure(args: argparse.Namespace, ours_url: str, rust_url: str, ours_p
             texts.extend(text_of(rng, tok, 256) for _ in range(3))
             for _ in range(3):
                 await call(v, 256, 4)()
-        idle = {"ours": await idle_rate(ours_p, args.idle_s), "rust": await idle_rate(rust_p, args.idle_s)}
-        print(f"idle CPU: ours {idle['ours'] * 1000:.1f} ms/s, rust {idle['rust'] * 1000:.1f} ms/s", flush=True)
-        proc_of = {"ours": ours_p, "rust": rust_p}
+        idle = {who: await idle_rate(proc, args.idle_s) for who, proc in proc_of.items()}
+        print("idle CPU ms/s: " + ", ".join(f"{who} {v * 1000:.1f}" for who, v in idle.items()), flush=True)
 
         rows = []
         for n in args.lengths if args.reps > 0 else []:
@@ -352,7 +372,6 @@ async def measure(args: argparse.Namespace, ours_url: str, rust_url: str, ours_p
             chunk_rows.append(row)
             print(row, flush=True)
         conc_rows = []
-        urls = {"ours": ours_url, "rust": rust_url}
         for rep in range(args.conc_reps):
             for who in ("rust", "ours") if rep % 2 == 0 else ("ours", "rust"):
                 if args.conc_streams <= 0:
@@ -422,7 +441,7 @@ def markdown(doc: dict) -> str:
                 f"{r['gap_ms_max']} | {r['wall_s']} | {r['gaps_per_token']} |"
             )
     idle = doc["idle_cpu_ms_per_s"]
-    out += ["", f"Idle CPU (subtracted): ours {idle['ours']:.1f} ms/s, rust {idle['rust']:.1f} ms/s.", ""]
+    out += ["", "Idle CPU (subtracted): " + ", ".join(f"{who} {v:.1f} ms/s" for who, v in idle.items()) + ".", ""]
     return "\n".join(out)
 
 
@@ -446,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         help="which of our request kinds to run",
     )
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra stack config override")
+    p.add_argument("--mini-lb", action="store_true", help="also measure sglang-router's Python mini-lb (--mini-lb)")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--out", default="results/router-overhead/router_overhead.json")
     args = p.parse_args(argv)
@@ -454,10 +474,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sets = [f"emulator.time_scale={args.time_scale}", *args.sets]
     stack = start_stack(CONFIG, overrides=sets + port_overrides(CONFIG, sets))
-    rust = None
+    rust = minilb = None
     try:
         cfg = stack.config
-        rust_port, prom_port = free_ports(2)
+        rust_port, prom_port, minilb_port = free_ports(3)
         rust, rust_cmd = start_rust(
             stack.prefill_urls[0],
             int(cfg.prefill[0].bootstrap_port or 0),
@@ -467,17 +487,32 @@ def main(argv: list[str] | None = None) -> int:
             stack.log_dir / "sglang-router.log",
         )
         rust_url = f"http://127.0.0.1:{rust_port}"
+        minilb_url = f"http://127.0.0.1:{minilb_port}"
+        if args.mini_lb:
+            minilb, _ = start_rust(
+                stack.prefill_urls[0],
+                int(cfg.prefill[0].bootstrap_port or 0),
+                stack.decode_urls[0],
+                minilb_port,
+                0,
+                stack.log_dir / "mini-lb.log",
+                mini_lb=True,
+            )
 
         async def go() -> dict:
             async with httpx.AsyncClient() as c:
                 await wait_ready(c, rust_url, "/health")
-            return await measure(args, stack.router_url, rust_url, find_router_pid(stack), rust.pid)
+                if minilb is not None:
+                    await wait_ready(c, minilb_url, "/health")
+            other = (minilb_url, minilb.pid) if minilb is not None else None
+            return await measure(args, stack.router_url, rust_url, find_router_pid(stack), rust.pid, other)
 
         doc = asyncio.run(go())
     finally:
-        if rust is not None:
-            rust.terminate()
-            rust.wait(10)
+        for proc in (rust, minilb):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
         stack.stop()
     doc.update(
         {

@@ -15,12 +15,14 @@ cannot see (no P-route requests yet, say) stay where the specs put them.
 Pure: `features` and `fit` take plain data; the `Calibrator` holds the window; `save_state` / `load_state` are the only
 file I/O and are called by the router (router.calibration_path), not by the fit. A fit takes tens of ms: a server
 (the router) must not run it on its event loop, so `Calibrator.add` + `refit_job` split a refit into the fit over a
-snapshot of the window (safe in a worker thread) and the installation of its result (back on the owner's thread).
+snapshot of the window (`RefitJob.work`: pure and picklable, so the router runs it in a worker process where it
+cannot hold the event loop's GIL) and the installation of its result (`RefitJob.install`, on the owner's thread).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -278,6 +280,17 @@ def _rel_err(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
     return float(np.median(err)), float(np.quantile(err, 0.9))
 
 
+@dataclass(frozen=True)
+class RefitJob:
+    work: Callable[[], tuple[FitResult, dict[str, float | None]]]
+    install: Callable[[tuple[FitResult, dict[str, float | None]]], FitResult]
+
+
+def _fit_window(feats: list[Features], prior: CostParams, min_obs: int) -> tuple[FitResult, dict[str, float | None]]:
+    """A refit's work: the fit and the per-route service times, over a window snapshot (module level: picklable)."""
+    return fit(feats, prior, min_route_obs=min_obs), _service_times(feats, prior, min_obs)
+
+
 class Calibrator:
     """Sliding window of observations and the latest fit. Deterministic: no clocks, refits every `refit_every`."""
 
@@ -307,28 +320,22 @@ class Calibrator:
         return self.params
 
     def refit(self) -> FitResult:
-        return self.refit_job()()()
+        job = self.refit_job()
+        return job.install(job.work())
 
-    def refit_job(self) -> Callable[[], Callable[[], FitResult]]:
-        """A refit in two halves. The returned function fits a snapshot of the window taken now (pure: run it in a
-        worker thread) and returns `install`, which makes the fit current (call it back on the owner's thread, so
-        the parameters never change under a decision) and returns it; a fit begun before `restore` is not
-        installed."""
-        feats, prior, version, min_obs = list(self.window), self.prior, self._prior_version, self.min_route_obs
+    def refit_job(self) -> RefitJob:
+        """A refit in two halves: `work` fits a snapshot of the window taken now (run it anywhere: a worker thread or
+        process), `install(work's result)` makes the fit current (call it on the owner's thread, so the parameters
+        never change under a decision) and returns it; a fit begun before `restore` is not installed."""
+        work = functools.partial(_fit_window, list(self.window), self.prior, self.min_route_obs)
+        return RefitJob(work, functools.partial(self._install, self._prior_version))
 
-        def run() -> Callable[[], FitResult]:
-            result = fit(feats, prior, min_route_obs=min_obs)
-            service = _service_times(feats, prior, min_obs)
-
-            def install() -> FitResult:
-                if version == self._prior_version:
-                    self.last = result
-                    self.params = dataclasses.replace(result.params, **service)
-                return result
-
-            return install
-
-        return run
+    def _install(self, version: int, outcome: tuple[FitResult, dict[str, float | None]]) -> FitResult:
+        result, service = outcome
+        if version == self._prior_version:
+            self.last = result
+            self.params = dataclasses.replace(result.params, **service)
+        return result
 
     def describe(self) -> dict[str, Any]:
         return {

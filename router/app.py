@@ -27,7 +27,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -36,7 +35,8 @@ from ppd import specs
 from ppd.config import StackConfig, resolve_path, to_dict
 from ppd.policies import Route, policy_names
 from ppd.sglang import protocol
-from ppd.sglang.client import BackendError, SGLangClient, loads, make_http_client
+from ppd.sglang.client import BackendError, SGLangClient, loads, make_transport
+from ppd.sglang.transport import Transport
 from ppd.tokenizer import ChatTokenizer, message_text
 from router import openai_models as om
 from router.backends import BackendPool
@@ -60,7 +60,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 @dataclass
 class RouterState:
     cfg: StackConfig
-    http: httpx.AsyncClient
+    transport: Transport
     client: SGLangClient
     tokenizer: ChatTokenizer
     pool: BackendPool
@@ -79,8 +79,8 @@ def load_tokenizer(cfg: StackConfig) -> ChatTokenizer:
     return ChatTokenizer.load(source if source == "builtin" else str(resolve_path(source)))
 
 
-def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The router app for `cfg`. `transport` replaces the network (tests pass an httpx.MockTransport)."""
+def create_app(cfg: StackConfig, transport: Transport | None = None) -> FastAPI:
+    """The router app for `cfg`. `transport` replaces the network (tests pass an in-memory fake of the servers)."""
     if cfg.router.policy not in policy_names():
         raise ValueError(f"router.policy: unknown policy {cfg.router.policy!r}; known: {', '.join(policy_names())}")
 
@@ -89,12 +89,12 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
         r = cfg.router
         metrics = RouterMetrics()
         # P-route requests hold two connections (prefill + decode), plus health/metrics polls and aborts.
-        http = make_http_client(r.connect_timeout_s, 2 * r.max_inflight_total + 4 * len(cfg.servers) + 16, transport)
-        client = SGLangClient(http)
+        net = transport or make_transport(r.connect_timeout_s, 2 * r.max_inflight_total + 4 * len(cfg.servers) + 16)
+        client = SGLangClient(net)
         pool = BackendPool(cfg, client, metrics)
         state = RouterState(
             cfg=cfg,
-            http=http,
+            transport=net,
             client=client,
             tokenizer=load_tokenizer(cfg),
             pool=pool,
@@ -115,7 +115,7 @@ def create_app(cfg: StackConfig, transport: httpx.AsyncBaseTransport | None = No
             await state.router.drain_refits()
             _save_calibration(state.router)
             await client.drain()
-            await http.aclose()
+            await net.aclose()
 
     app = FastAPI(title="P-PD AppendRouter", version="0.1.0", lifespan=lifespan)
     app.router.route_class = FastJSONRoute

@@ -5,8 +5,9 @@ least load); the route choice (P or D) is the policy's. After a request the deco
 the generated tokens (the server keeps both), the prefill server's index the prompt (P-route), and every policy with an
 `observe` hook sees the measured timings.
 
-Calibration never runs on the event loop: a policy with `observe_deferred` (auto) hands back its due refit as a job,
-which runs in a worker thread over a snapshot of its window; its result is installed back on the loop. Observations
+Calibration never runs on the event loop, nor in its process: a policy with `observe_deferred` (auto) hands back its
+due refit as a job, whose fit over a snapshot of its window runs in a worker process (a scipy fit in a thread held the
+GIL for tens of ms and delayed the requests being served meanwhile); its result is installed back on the loop. Observations
 are in GPU time: with emulated backends the router's wall-clock TTFT/TPOT/E2E are divided by the emulator's
 time_scale, like the servers' own reported timings.
 
@@ -17,14 +18,17 @@ before it costs CPU); `plan` takes the per-backend slots once the servers are ch
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
+import multiprocessing
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ppd import roofline, specs
+from ppd.calibration import RefitJob
 from ppd.config import StackConfig, resolve_path
 from ppd.policies import Decision, Policy, PolicyContext, Route, RoutingInput, ServerLoad, make_policy, policy_names
 from ppd.policies.base import Observation
@@ -137,7 +141,8 @@ class Router:
         self.serves_without_prefill = self.d_route_possible and self._falls_back_to_decode(self.default_policy)
         self.admitting = 0  # requests holding a total slot while they are tokenized (see `reserve`)
         self._refits: dict[str, asyncio.Task] = {}  # policy name -> its calibration refit running off-loop
-        self._next_refit: dict[str, Callable[[], Callable[[], Any]]] = {}  # the newest refit due meanwhile
+        self._next_refit: dict[str, RefitJob] = {}  # the newest refit due meanwhile
+        self.refit_executor: concurrent.futures.Executor | None = None  # made at the first refit (a worker process)
 
     # --- policies ------------------------------------------------------------------------------------------------
 
@@ -461,20 +466,28 @@ class Router:
 
     # --- calibration off the event loop --------------------------------------------------------------------------
 
-    def _refit_later(self, name: str, job: Callable[[], Callable[[], Any]]) -> None:
-        """Run a policy's refit job in a worker thread; one at a time per policy, the newest due one next."""
+    def _refit_later(self, name: str, job: RefitJob) -> None:
+        """Run a policy's refit job in the worker process; one at a time per policy, the newest due one next."""
         running = self._refits.get(name)
         if running is not None and not running.done():
             self._next_refit[name] = job  # snapshots are cumulative: only the newest matters
             return
         self._refits[name] = asyncio.get_running_loop().create_task(self._run_refits(name, job))
 
-    async def _run_refits(self, name: str, job: Callable[[], Callable[[], Any]] | None) -> None:
+    def _executor(self) -> concurrent.futures.Executor:
+        if self.refit_executor is None:
+            self.refit_executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_refit_worker
+            )
+        return self.refit_executor
+
+    async def _run_refits(self, name: str, job: RefitJob | None) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while job is not None:
                 try:
-                    install = await asyncio.to_thread(job)
-                    install()  # back on the loop: decide() never sees a half-installed fit
+                    outcome = await loop.run_in_executor(self._executor(), job.work)
+                    job.install(outcome)  # back on the loop: decide() never sees a half-installed fit
                 except Exception:  # a failed fit keeps the previous parameters
                     log.exception("policy %s: calibration refit failed", name)
                 job = self._next_refit.pop(name, None)
@@ -482,7 +495,15 @@ class Router:
             self._refits.pop(name, None)
 
     async def drain_refits(self, timeout_s: float = 10.0) -> None:
-        """Wait for refits in flight (before saving calibration at shutdown)."""
+        """Wait for refits in flight (before saving calibration at shutdown), then stop the worker process."""
         tasks = [t for t in self._refits.values() if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
+        if self.refit_executor is not None:
+            executor, self.refit_executor = self.refit_executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+
+def _warm_refit_worker() -> None:
+    """The worker imports the fit's scipy once at start (~0.3 s), not during the first refit."""
+    import scipy.optimize  # noqa: F401

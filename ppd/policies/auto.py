@@ -21,10 +21,9 @@ decode_route_overhead_ms) to pin a starting value.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
-from ppd.calibration import Calibrator
+from ppd.calibration import Calibrator, RefitJob
 from ppd.costmodel import FITTED_FIELDS, CostParams, route_costs
 from ppd.policies.base import (
     Decision,
@@ -112,10 +111,10 @@ class AutoPolicy:
         if self.calibrator is not None:
             self.calibrator.observe(obs)
 
-    def observe_deferred(self, obs: Observation) -> Callable[[], Callable[[], Any]] | None:
+    def observe_deferred(self, obs: Observation) -> RefitJob | None:
         """`observe` for a caller with an event loop: a refit that is due comes back as a job instead of running here.
-        The job fits a snapshot of the window (pure: run it in a worker thread) and returns a function that installs
-        the fit (call it on the loop). `decide` is untouched by either half until that install."""
+        Its `work` fits a snapshot of the window (pure, picklable: run it in a worker process) and its `install`
+        makes the fit current (call it on the loop). `decide` is untouched until that install."""
         if self.calibrator is None or not self.calibrator.add(obs):
             return None
         return self.calibrator.refit_job()

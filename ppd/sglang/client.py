@@ -1,8 +1,5 @@
-"""HTTP client for SGLang 0.5.10.post1 servers (and the emulated ones): /generate streams, aborts, health, metrics.
-
-One pooled `httpx.AsyncClient` per router. Idle keep-alive connections expire before the backends' own idle timeout
-(uvicorn's 5 s in SGLang): a request sent on a connection the server has just closed fails, and on the P-route that
-once left the decode half waiting 300 s (../shared/gpu/NOTES.md).
+"""SGLang 0.5.10.post1's HTTP API as the router uses it (and the emulated servers speak it): /generate streams split
+into chunks per network read, aborts, health, metrics, server info. The HTTP itself is `ppd.sglang.transport`.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,41 +24,18 @@ from ppd.sglang.protocol import (
     SSE_DONE,
     GenerateOutput,
 )
+from ppd.sglang.transport import AiohttpTransport, BackendError, StreamBody, Transport
+
+__all__ = ["BackendError", "DeltaIds", "SGLangClient", "make_transport"]
 
 log = logging.getLogger(__name__)
 
-BACKEND_KEEPALIVE_EXPIRY_S = 2.0  # below SGLang's (uvicorn's) 5 s idle timeout
-JSON_HEADERS = {"content-type": "application/json"}
 _METRICS_WANTED = (METRIC_RUNNING, METRIC_QUEUED, METRIC_TOKEN_USAGE, METRIC_USED_TOKENS, METRIC_MAX_TOTAL_TOKENS)
 
 
-class BackendError(Exception):
-    """A backend call failed. `connect` = the server could not be reached (nothing was sent); `dropped` = the
-    connection broke after the request was sent (the server died or closed it mid-flight); `status` = the HTTP
-    status of a refusal."""
-
-    def __init__(self, url: str, message: str, status: int | None = None, connect: bool = False, dropped: bool = False):
-        super().__init__(f"{url}: {message}")
-        self.url = url
-        self.message = message
-        self.status = status
-        self.connect = connect
-        self.dropped = dropped
-
-
-def make_http_client(
-    connect_timeout_s: float, max_connections: int, transport: httpx.AsyncBaseTransport | None = None
-) -> httpx.AsyncClient:
-    """The router's one pooled client. Read timeouts are enforced per token by the caller (first/inter-token)."""
-    return httpx.AsyncClient(
-        transport=transport,
-        timeout=httpx.Timeout(connect=connect_timeout_s, read=None, write=connect_timeout_s, pool=connect_timeout_s),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=min(max_connections, 256),
-            keepalive_expiry=BACKEND_KEEPALIVE_EXPIRY_S,
-        ),
-    )
+def make_transport(connect_timeout_s: float, max_connections: int) -> Transport:
+    """The router's one pooled transport. Read timeouts are enforced per token by the caller (first/inter-token)."""
+    return AiohttpTransport(connect_timeout_s, max_connections)
 
 
 @dataclass
@@ -162,8 +135,8 @@ def _parse_chunk(url: str, line: bytes | str) -> GenerateOutput | None:
 
 
 class SGLangClient:
-    def __init__(self, http: httpx.AsyncClient):
-        self.http = http
+    def __init__(self, transport: Transport):
+        self.transport = transport
         self._background: set[asyncio.Task] = set()
 
     @asynccontextmanager
@@ -173,51 +146,38 @@ class SGLangClient:
         """POST /generate with stream=True; yields an iterator of chunk lists, one per network read: every chunk
         that had arrived by then. At low load that is one chunk; under load the caller handles several at once (one
         downstream event for all their tokens). Raises BackendError on connect/non-200. `body` may come encoded
-        already (`dumps`): the P-route sends the same one to two servers."""
-        try:
-            content = body if isinstance(body, bytes) else dumps(body)
-            request = self.http.build_request("POST", f"{url}/generate", content=content, headers=JSON_HEADERS)
-            response = await self.http.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as err:
-            raise BackendError(url, f"cannot connect: {type(err).__name__}", connect=True) from err
-        except httpx.PoolTimeout as err:  # our side is out of connections; the server is not at fault
-            raise BackendError(url, "router connection pool exhausted", status=503) from err
-        except httpx.HTTPError as err:  # sent, then no response: the server closed or lost the connection
-            raise BackendError(url, f"request failed: {type(err).__name__}: {err}", dropped=True) from err
-        try:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                raise BackendError(url, f"HTTP {response.status_code}: {text[:500]}", status=response.status_code)
-            yield self._batches(url, response)
-        finally:
-            await response.aclose()
+        already (`dumps`): the P-route sends the same one to two servers. Left after the server's last chunk, the
+        stream's connection is kept for the next request; left earlier, it is closed (the server aborts)."""
+        content = body if isinstance(body, bytes) else dumps(body)
+        async with self.transport.stream(url, "/generate", content) as response:
+            seen = _Seen()
+            try:
+                yield self._batches(url, response, seen)
+            finally:
+                # however the caller left (it may close its generator at the last chunk): once the server has sent
+                # its last chunk it is done with the request, and the connection can serve the next one
+                if seen.finish:
+                    response.keep_alive_after()
 
-    async def _batches(self, url: str, response: httpx.Response) -> AsyncIterator[list[GenerateOutput]]:
-        # Lines split from raw bytes (no text decoding, no httpx line/byte chunkers): each read's complete `data:`
-        # lines, one orjson parse each. aiter_raw hands over whatever the socket read gave (up to 64 KiB); a
-        # compressed body (SGLang never sends one) goes through httpx's decoder.
-        reads = response.aiter_bytes() if response.headers.get("content-encoding") else response.aiter_raw()
+    async def _batches(self, url: str, response: StreamBody, seen: _Seen) -> AsyncIterator[list[GenerateOutput]]:
+        # Lines split from raw bytes (no text decoding): each read's complete `data:` lines, one orjson parse each.
         pending = b""
-        try:
-            async for data in reads:
-                if pending:
-                    data = pending + data
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    pending = data
-                    continue
-                pending = data[cut + 1 :]
-                batch = [
-                    out for line in data[:cut].split(b"\n") if line and (out := _parse_chunk(url, line)) is not None
-                ]
-                if batch:
-                    yield batch
+        async for data in response.reads():
             if pending:
-                out = _parse_chunk(url, pending)
-                if out is not None:
-                    yield [out]
-        except httpx.HTTPError as err:
-            raise BackendError(url, f"stream broken: {type(err).__name__}: {err}", dropped=True) from err
+                data = pending + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                pending = data
+                continue
+            pending = data[cut + 1 :]
+            batch = [out for line in data[:cut].split(b"\n") if line and (out := _parse_chunk(url, line)) is not None]
+            if batch:
+                seen.finish = seen.finish or batch[-1].finish_reason is not None
+                yield batch
+        if pending:
+            out = _parse_chunk(url, pending)
+            if out is not None:
+                yield [out]
 
     async def generate_last(self, url: str, body: dict[str, Any] | bytes) -> GenerateOutput:
         """Run a /generate stream to its end and return the last chunk (the prefill half of a P-route)."""
@@ -232,10 +192,10 @@ class SGLangClient:
     async def abort(self, url: str, rid: str) -> bool:
         """SGLang's POST /abort_request {"rid"}; best effort (the server may already have finished the request)."""
         try:
-            resp = await self.http.post(f"{url}/abort_request", json={"rid": rid})
-            return resp.status_code == 200
-        except httpx.HTTPError as err:
-            log.warning("abort %s on %s failed: %s", rid, url, err)
+            status, _ = await self.transport.request("POST", url, "/abort_request", dumps({"rid": rid}))
+            return status == 200
+        except BackendError as err:
+            log.warning("abort %s on %s failed: %s", rid, url, err.message)
             return False
 
     def abort_soon(self, url: str, rid: str) -> asyncio.Task:
@@ -263,27 +223,32 @@ class SGLangClient:
 
     async def health(self, url: str, timeout_s: float) -> bool:
         try:
-            resp = await self.http.get(f"{url}/health", timeout=timeout_s)
-            return resp.status_code == 200
-        except httpx.HTTPError:
+            status, _ = await self.transport.request("GET", url, "/health", timeout_s=timeout_s)
+            return status == 200
+        except BackendError:
             return False
 
     async def metrics(self, url: str, timeout_s: float) -> BackendMetrics | None:
         try:
-            resp = await self.http.get(f"{url}/metrics", timeout=timeout_s)
-            if resp.status_code != 200:
+            status, text = await self.transport.request("GET", url, "/metrics", timeout_s=timeout_s)
+            if status != 200:
                 return None
-            return parse_metrics(resp.text)
-        except (httpx.HTTPError, ValueError):
+            return parse_metrics(text.decode(errors="replace"))
+        except (BackendError, ValueError):
             return None
 
     async def server_info(self, url: str, timeout_s: float) -> dict[str, Any] | None:
         """/server_info (SGLang 0.5.10), falling back to the deprecated /get_server_info."""
         for path in ("/server_info", "/get_server_info"):
             try:
-                resp = await self.http.get(f"{url}{path}", timeout=timeout_s)
-                if resp.status_code == 200:
-                    return resp.json()
-            except (httpx.HTTPError, ValueError):
+                status, data = await self.transport.request("GET", url, path, timeout_s=timeout_s)
+                if status == 200:
+                    return loads(data)
+            except (BackendError, ValueError):
                 continue
         return None
+
+
+@dataclass
+class _Seen:
+    finish: bool = False  # the stream delivered the server's last chunk (a finish_reason)

@@ -77,18 +77,23 @@ async def test_decode_step_follows_the_roofline_and_grows_with_batch_kv():
     assert long > 1.5 * short
 
 
-async def test_local_append_on_decode_stalls_the_running_decodes():
+async def measure_stall(seed: int) -> tuple[float, float, float, float]:
+    """One append of 2048 tokens on 16384 cached, on a decode server running 8 streams.
+
+    Returns (median step before the append, median over streams of the longest gap while the append waited for its
+    first token; both emulated ms) and the roofline's (step, append prefill) in ms.
+    """
     scale = 1.0
     async with running("decode", scale) as s:
-        prefix = ids(16384, 11)
+        prefix = ids(16384, seed)
         await generate(s, prefix, max_new=1, **LOCAL)  # the conversation so far, cached on this decode server
-        others = [await generate(s, ids(256, 300 + i), max_new=400, watch=False, **LOCAL) for i in range(8)]
+        others = [await generate(s, ids(256, 300 + seed + i), max_new=400, watch=False, **LOCAL) for i in range(8)]
         followers = [asyncio.create_task(follow(r)) for r in others]
         while min(len(r.job.output_ids) for r in others) < 15:
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
         t_send = loop.time()
-        append = await generate(s, prefix + ids(2048, 12), max_new=2, **LOCAL)
+        append = await generate(s, prefix + ids(2048, seed + 1), max_new=2, **LOCAL)
         t_first = append.token_times[0]
         while min(len(r.job.output_ids) for r in others) < 40:
             await asyncio.sleep(0.01)
@@ -97,7 +102,7 @@ async def test_local_append_on_decode_stalls_the_running_decodes():
         await asyncio.gather(*followers)
 
     assert append.meta["cached_tokens"] == 16384
-    gaps, before = [], []  # per running stream: its longest gap while the append waited for its first token
+    gaps, before = [], []
     for r in others:
         ts = r.token_times
         before += [b - a for a, b in zip(ts, ts[1:], strict=False) if b < t_send][-10:]
@@ -107,6 +112,16 @@ async def test_local_append_on_decode_stalls_the_running_decodes():
     kv = 8 * (256 + 20)
     want_step = roofline.decode_step_time_s(s.model, s.gpu, 8, kv) * 1e3
     want_stall = roofline.prefill_time_s(s.model, s.gpu, 2048, 16384) * 1e3
+    return step_ms, max_gap_ms, want_step, want_stall
+
+
+async def test_local_append_on_decode_stalls_the_running_decodes():
+    # Wall-clock noise on a shared box (another process, a GC pause) only ever adds time, and it hits every stream of
+    # this process at once: the smallest of three runs is the emulated GPU's timing.
+    runs = [await measure_stall(seed) for seed in (11, 21, 31)]
+    step_ms = min(r[0] for r in runs)
+    max_gap_ms = min(r[1] for r in runs)
+    _, _, want_step, want_stall = runs[0]
     assert step_ms == pytest.approx(want_step, rel=0.10)
     # the others wait for the whole append prefill, plus their own step
     assert max_gap_ms == pytest.approx(want_stall + want_step, rel=0.10)

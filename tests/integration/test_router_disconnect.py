@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "unit"))
+from httpx_transport import HttpxTransport
 from router_fakes import D_URL, P_URL, make_config  # noqa: E402
 
 from launch.supervisor import free_ports  # noqa: E402
@@ -23,7 +24,7 @@ from router.app import create_app  # noqa: E402
 async def test_disconnect_mid_stream_aborts_backends(policy):
     cfg, cluster = make_config(policy)
     cluster[D_URL].token_delay_s = 0.02  # 500 tokens would take 10 s
-    app = create_app(cfg, transport=cluster.transport)
+    app = create_app(cfg, transport=HttpxTransport(cluster.transport))
     (port,) = free_ports(1)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())

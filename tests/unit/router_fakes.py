@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from httpx_transport import HttpxTransport
 
 from ppd.config import parse_config
 from ppd.prefix_index import PrefixIndex
@@ -230,7 +231,7 @@ async def running_router(cfg, cluster: FakeCluster, ready: bool = True):
     """The router app on `cfg` with its lifespan running, talking to `cluster`; yields (app, client)."""
     from router.app import create_app
 
-    app = create_app(cfg, transport=cluster.transport)
+    app = create_app(cfg, transport=HttpxTransport(cluster.transport))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://router", timeout=30) as client:

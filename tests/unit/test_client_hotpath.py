@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+from httpx_transport import HttpxTransport
 
 from ppd.sglang.client import SGLangClient, dumps, loads, parse_metrics
 
@@ -51,12 +52,13 @@ async def test_stream_lines_split_across_reads_and_body_sent_as_given():
         assert request.headers["content-type"] == "application/json"
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Pieces())
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        client = SGLangClient(http)
-        payload = dumps({"input_ids": [5, 6], "stream": True})
-        async with client.generate_batches("http://b", payload) as batches:
-            outs = [o async for batch in batches for o in batch]
-        last = await client.generate_last("http://b", {"input_ids": [5, 6], "stream": True})
+    net = HttpxTransport(httpx.MockTransport(handler))
+    client = SGLangClient(net)
+    payload = dumps({"input_ids": [5, 6], "stream": True})
+    async with client.generate_batches("http://b", payload) as batches:
+        outs = [o async for batch in batches for o in batch]
+    last = await client.generate_last("http://b", {"input_ids": [5, 6], "stream": True})
+    await net.aclose()
     assert [o.output_ids for o in outs] == [[0], [0, 1], [0, 1, 2]]
     assert last.output_ids == [0, 1, 2]
     assert seen[0] == payload and json.loads(seen[1]) == {"input_ids": [5, 6], "stream": True}

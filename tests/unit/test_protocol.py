@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+from httpx_transport import HttpxTransport
 from router_fakes import D_URL, P_URL, make_config, running_router
 
 from ppd.sglang import protocol
@@ -74,8 +75,9 @@ async def test_client_abort_posts_rid():
         seen.append((request.url.path, request.content))
         return httpx.Response(200)
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        assert await SGLangClient(http).abort("http://d:1", "abc")
+    net = HttpxTransport(httpx.MockTransport(handler))
+    assert await SGLangClient(net).abort("http://d:1", "abc")
+    await net.aclose()
     assert seen == [("/abort_request", b'{"rid":"abc"}')]
 
 

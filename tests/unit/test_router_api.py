@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -225,11 +226,12 @@ async def test_ready_is_503_until_backends_are_healthy():
     cfg, cluster = make_config("decode")
     cluster[D_URL].connect_error = True
     async with running_router(cfg, cluster, ready=False) as (_, client):
-        for _ in range(100):
+        for _ in range(200):  # until the first health check has failed it
             r = await client.get("/ready")
             if r.json()["backends"]["decode0"] == "unhealthy":
                 break
-        assert r.status_code == 503
+            await asyncio.sleep(0.01)
+        assert r.status_code == 503 and r.json()["backends"]["decode0"] == "unhealthy"
         r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
         assert_openai_error(r, 503, "no_healthy_backend")
         assert r.headers["retry-after"] == "1"

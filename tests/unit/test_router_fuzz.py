@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import schemathesis
 from fastapi.testclient import TestClient
+from httpx_transport import HttpxTransport
 from hypothesis import HealthCheck, given, settings
 from router_fakes import make_config
 from schemathesis import GenerationMode
@@ -16,7 +17,7 @@ EXAMPLES_PER_CASE = 60  # x 2 endpoints x 2 modes = 240 requests
 
 def _fuzz(path: str, mode: GenerationMode) -> int:
     cfg, cluster = make_config("decode", context_length=256)
-    app = create_app(cfg, transport=cluster.transport)
+    app = create_app(cfg, transport=HttpxTransport(cluster.transport))
     op = schemathesis.openapi.from_dict(app.openapi())[path]["POST"]
     seen = []
     with TestClient(app, raise_server_exceptions=False) as client:

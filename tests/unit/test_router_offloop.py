@@ -1,11 +1,14 @@
 """Nothing long runs on the router's event loop: long inputs are tokenized in a worker thread and calibration refits
-run in one too, while other requests are served. Shown without timing: the slow work is held in its thread on a
+run in a worker process, while other requests are served. Shown without timing: the slow work is held in its thread on a
 threading.Event, and other requests complete meanwhile. Also: calibration sees GPU time (wall / time_scale)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import os
+import pickle
 import threading
 from dataclasses import dataclass, field
 
@@ -100,6 +103,8 @@ async def test_calibration_refits_run_off_the_loop_and_coalesce(monkeypatch):
     monkeypatch.setattr(calibration, "fit", held_fit)
     cfg, cluster = make_config("auto", policy_params={"refit_every": 1, "min_route_obs": 1})
     async with running_router(cfg, cluster) as (app, client):
+        # a thread instead of the worker process, so the fit can be held here (the process is tested below)
+        app.state.ppd.router.refit_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         policy = app.state.ppd.router.default_policy
         headers = {"x-ppd-policy": "decode"}  # a forced route: `auto` learns from it all the same
         r = await client.post("/v1/chat/completions", json=chat("first"), headers=headers)
@@ -121,18 +126,35 @@ async def test_calibration_refits_run_off_the_loop_and_coalesce(monkeypatch):
     assert policy.calibrator.last is not None and policy.calibrator.last.n_obs == 4
 
 
+async def test_calibration_refits_run_in_a_worker_process():
+    cfg, cluster = make_config("auto", policy_params={"refit_every": 2, "min_route_obs": 1})
+    async with running_router(cfg, cluster) as (app, client):
+        router = app.state.ppd.router
+        for i in range(4):
+            r = await client.post("/v1/chat/completions", json=chat(f"turn {i}"), headers={"x-ppd-policy": "decode"})
+            assert r.status_code == 200
+        for _ in range(3000):
+            if router.default_policy.calibrator.last is not None and not router._refits:
+                break
+            await asyncio.sleep(0.005)
+        assert router.default_policy.calibrator.last.n_obs in (2, 4)
+        (worker,) = router.refit_executor._processes.values()
+        assert worker.pid != os.getpid() and worker.is_alive()
+    assert router.refit_executor is None and not worker.is_alive()  # stopped with the app
+
+
 def test_a_refit_begun_before_restore_is_not_installed():
     cal = Calibrator(CostParams.from_context(PolicyContext()), refit_every=1000, min_route_obs=1)
     obs = Observation(Route.DECODE, 1000, 0, 0, 4, ttft_ms=50.0, tpot_ms=5.0, e2e_ms=70.0, kv_bytes=0,
                       decode_running_reqs=0, decode_running_kv_tokens=0, prefill_queued_reqs=0)  # fmt: skip
     assert cal.add(obs) is False
     job = cal.refit_job()
-    install = job()  # the fit, as a worker thread would run it
+    outcome = pickle.loads(pickle.dumps(job.work))()  # the fit, as the router's worker process runs it
     assert cal.last is None  # nothing changes before install
     cal.restore(cal.state({"k": 1}), {"k": 1})
-    result = install()
+    result = job.install(outcome)
     assert result.n_obs == 1 and cal.last is None  # made against the old prior: dropped
-    cal.refit_job()()()
+    cal.refit()
     assert cal.last is not None
 
 

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+from httpx_transport import HttpxTransport
 from router_fakes import D_URL, expected_tokens, make_config, running_router
 
 from ppd.sglang.client import SGLangClient
@@ -117,9 +118,10 @@ async def test_client_batches_split_reads_at_line_ends(split: int):
             yield blob[i : i + split]
 
     transport = httpx.MockTransport(lambda req: httpx.Response(200, content=reads()))
-    async with httpx.AsyncClient(transport=transport) as http:
-        async with SGLangClient(http).generate_batches("http://b", b"{}") as batches:
-            got = [[o.output_ids[0] for o in batch] async for batch in batches]
+    net = HttpxTransport(transport)
+    async with SGLangClient(net).generate_batches("http://b", b"{}") as batches:
+        got = [[o.output_ids[0] for o in batch] async for batch in batches]
+    await net.aclose()
     assert [i for b in got for i in b] == [0, 1, 2, 3, 4]
     if split >= len(blob):
         assert len(got) == 1

@@ -1,0 +1,111 @@
+"""The router's aiohttp transport against a real socket: a stream left after the server's last chunk keeps its
+connection for the next request; one left mid-stream is closed (the server sees the client go); failures map to
+BackendError as the router's retry logic expects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ppd.emulator.testing import free_port
+from ppd.sglang.client import SGLangClient
+from ppd.sglang.transport import AiohttpTransport, BackendError
+
+CHUNKS = [
+    b'data: {"output_ids": [7], "meta_info": {"completion_tokens": 1, "finish_reason": null}}\n\n',
+    b'data: {"output_ids": [8], "meta_info": {"completion_tokens": 2, "finish_reason": {"type": "length"}}}\n\n',
+]
+
+
+class SSEServer:
+    """/generate answers CHUNKS, then `data: [DONE]` a moment later (as SGLang's tail arrives after the last chunk)
+    or, with `endless`, keeps streaming; counts the TCP connections it accepted and those the client closed."""
+
+    def __init__(self, endless: bool = False):
+        self.endless = endless
+        self.connections = 0
+        self.closed_by_client = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                )
+                chunks = [*CHUNKS] if not self.endless else [CHUNKS[0]] * 1000
+                for c in chunks:
+                    writer.write(b"%x\r\n%s\r\n" % (len(c), c))
+                    await writer.drain()
+                    await asyncio.sleep(0.01 if self.endless else 0)
+                await asyncio.sleep(0.02)
+                done = b"data: [DONE]\n\n"
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed_by_client += 1
+        finally:
+            writer.close()
+
+
+async def serve(server: SSEServer) -> tuple[asyncio.AbstractServer, str]:
+    port = free_port()
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", port)
+    return srv, f"http://127.0.0.1:{port}"
+
+
+async def test_finished_streams_reuse_one_connection():
+    server = SSEServer()
+    srv, url = await serve(server)
+    net = AiohttpTransport(connect_timeout_s=2.0, max_connections=8)
+    client = SGLangClient(net)
+    try:
+        for _ in range(4):
+            async with client.generate_batches(url, b"{}") as batches:
+                async for batch in batches:
+                    if batch[-1].finish_reason is not None:
+                        break  # like the router: done at the server's last chunk, before its [DONE] tail
+            await asyncio.sleep(0.05)  # the tail is read in the background, the connection returns to the pool
+        assert server.connections == 1
+    finally:
+        await net.aclose()
+        srv.close()
+
+
+async def test_leaving_mid_stream_closes_the_connection():
+    server = SSEServer(endless=True)
+    srv, url = await serve(server)
+    net = AiohttpTransport(connect_timeout_s=2.0, max_connections=8)
+    try:
+        async with SGLangClient(net).generate_batches(url, b"{}") as batches:
+            async for _ in batches:
+                break
+        for _ in range(100):
+            if server.closed_by_client:
+                break
+            await asyncio.sleep(0.01)
+        assert server.closed_by_client == 1
+    finally:
+        await net.aclose()
+        srv.close()
+
+
+async def test_unreachable_server_is_a_connect_error():
+    net = AiohttpTransport(connect_timeout_s=2.0, max_connections=8)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    try:
+        with pytest.raises(BackendError) as info:
+            async with SGLangClient(net).generate_batches(url, b"{}"):
+                pass
+        assert info.value.connect and info.value.url == url
+        assert not await SGLangClient(net).health(url, timeout_s=1.0)
+    finally:
+        await net.aclose()
