@@ -53,9 +53,17 @@ CONFIG = "configs/local.yaml"
 
 
 def cpu_s(proc: psutil.Process) -> float:
-    """CPU seconds of all the process's threads, at nanosecond resolution (/proc/PID/task/*/schedstat, Linux);
-    psutil's user+system ticks (10 ms) elsewhere. A thread that exits takes its time with it: both routers keep
-    their threads (uvicorn's loop + a thread pool; tokio's workers)."""
+    """CPU seconds of all the process's threads and of its child processes (our router's calibration worker), at
+    nanosecond resolution (/proc/PID/task/*/schedstat, Linux); psutil's user+system ticks (10 ms) elsewhere. A thread
+    that exits takes its time with it: both routers keep theirs (uvicorn's loop + a thread pool; tokio's workers)."""
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        procs = [proc]
+    return sum(_own_cpu_s(p) for p in procs)
+
+
+def _own_cpu_s(proc: psutil.Process) -> float:
     tasks = pathlib.Path(f"/proc/{proc.pid}/task")
     if tasks.is_dir():
         total = 0
@@ -65,7 +73,10 @@ def cpu_s(proc: psutil.Process) -> float:
             except (OSError, ValueError, IndexError):
                 continue
         return total / 1e9
-    t = proc.cpu_times()
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
     return t.user + t.system
 
 
@@ -316,11 +327,13 @@ async def measure(
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as c:
         texts: list[str] = []
-        # warm both routers (connection pools, tokenizer, policies)
+        # warm the routers (connection pools, tokenizer, policies; ours: enough requests that the calibration
+        # worker process has started and done its first refits, so its start-up is not charged to the first block)
         for v in variants:
-            texts.extend(text_of(rng, tok, 256) for _ in range(3))
-            for _ in range(3):
+            texts.extend(text_of(rng, tok, 256) for _ in range(args.warmup))
+            for _ in range(args.warmup):
                 await call(v, 256, 4)()
+        await asyncio.sleep(2.0)
         idle = {who: await idle_rate(proc, args.idle_s) for who, proc in proc_of.items()}
         print("idle CPU ms/s: " + ", ".join(f"{who} {v * 1000:.1f}" for who, v in idle.items()), flush=True)
 
@@ -392,14 +405,16 @@ async def measure(
 
 def markdown(doc: dict) -> str:
     out = [
-        "# Router overhead: AppendRouter (`prefill` policy) vs sglang-router 0.3.2 (Rust)",
+        "# Router overhead: AppendRouter (`prefill` policy) vs sglang-router 0.3.2 (Rust"
+        + (", mini-lb" if any(r["variant"].startswith("minilb") for r in doc["request"]) else "")
+        + ")",
         "",
         f"Command: `{doc['command']}`",
         "",
-        f"Emulated stack ({CONFIG}, emulator.time_scale={doc['time_scale']}), both routers in front of the same "
+        f"Emulated stack ({CONFIG}, emulator.time_scale={doc['time_scale']}), the routers in front of the same "
         f"emulated prefill/decode servers; {doc['reps']} alternating repetitions of {doc['block']} requests per "
         f"length and router, {doc['max_new_tokens']} output tokens. CPU = the router process's CPU time (all "
-        "threads, /proc schedstat), its idle rate (health/metrics polls) subtracted. The box has 2 shared cores with other jobs "
+        "threads and child processes, /proc schedstat), its idle rate (health/metrics polls) subtracted. The box has 2 shared cores with other jobs "
         "running: CPU-time figures are the robust ones; wall-clock TTFT/E2E are noisy and include the emulated "
         "servers' own (scaled) time.",
         "",
@@ -411,13 +426,14 @@ def markdown(doc: dict) -> str:
             f"| {r['prompt_tokens']} | {r['variant']} | {r['cpu_ms_per_req_p50']} | {r['cpu_ms_per_req_mean']} | "
             f"{r['ttft_ms_p50']} | {r['ttft_ms_p90']} | {r['e2e_ms_p50']} | {r['e2e_ms_p90']} | {r['n']} |"
         )
-    out += [
-        "",
-        "Per streamed chunk (128-token prompt, one chunk per output token):",
-        "",
-        "| router / request | output tokens | streams | CPU ms per 1000 chunks p50 | mean |",
-        "|---|---|---|---|---|",
-    ]
+    if doc["chunks"]:
+        out += [
+            "",
+            "Per streamed chunk (128-token prompt, one chunk per output token):",
+            "",
+            "| router / request | output tokens | streams | CPU ms per 1000 chunks p50 | mean |",
+            "|---|---|---|---|---|",
+        ]
     for r in doc["chunks"]:
         out.append(
             f"| {r['variant']} | {r['output_tokens']} | {r['streams']} | {r['cpu_ms_per_1000_chunks_p50']} | "
@@ -458,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conc-reps", type=int, default=4, help="rounds, routers alternating")
     p.add_argument("--time-scale", type=float, default=0.02, help="emulator.time_scale (small: short server time)")
     p.add_argument("--idle-s", type=float, default=3.0)
+    p.add_argument("--warmup", type=int, default=40, help="requests per request kind before measuring")
     p.add_argument(
         "--ours-variants",
         type=lambda s: s.split(","),

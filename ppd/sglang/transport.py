@@ -1,9 +1,9 @@
 """The router's HTTP to SGLang servers: one pooled aiohttp session, every failure turned into a `BackendError`.
 
-aiohttp rather than httpx on this path: a streamed /generate call costs ~0.18 ms of client CPU with aiohttp's C
-parser against ~0.8 ms through httpx/httpcore/anyio (`python -m experiments.http_client_cost`, 2-core CPU box,
-results/router-overhead/), and a P-route request makes two of them before its first token. `Transport` is the narrow surface `SGLangClient` needs; tests put
-an in-memory fake behind it (tests/unit/httpx_transport.py).
+aiohttp rather than httpx on this path: a streamed /generate call costs ~0.12 ms of client CPU with aiohttp's C
+parser against ~0.77 ms through httpx/httpcore/anyio (`python -m experiments.http_client_cost`, 2-core CPU box,
+results/router-overhead/), and a P-route request makes two of them before its first token. `Transport` is the
+narrow surface `SGLangClient` needs; tests put an in-memory fake behind it (tests/unit/httpx_transport.py).
 
 Idle keep-alive connections expire before the backends' own idle timeout (uvicorn's 5 s in SGLang): a request sent
 on a connection the server has just closed fails, and on the P-route that once left the decode half waiting 300 s
