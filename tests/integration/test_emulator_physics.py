@@ -41,13 +41,15 @@ async def test_prefill_time_follows_the_roofline_and_is_super_linear():
     async with running("colocated", scale) as s:
         got = {}
         for n in (8192, 32768):
-            run = await generate(s, ids(n, n), max_new=1)
+            ttfts = []
+            for k in range(3):  # fresh prompts; wall-clock noise only adds time: the least of three is the GPU's
+                run = await generate(s, ids(n, n + k), max_new=1)
+                ttfts.append((run.token_times[0] - run.job.arrival) * 1e3 / scale)
             want_ms = roofline.prefill_time_s(s.model, s.gpu, n, 0, 8192) * 1e3
             reported = run.meta["ppd"]["prefill_ms"]
-            ttft_ms = (run.token_times[0] - run.job.arrival) * 1e3 / scale
             host_ms = roofline.request_overhead_s(n) * 1e3
             assert reported == pytest.approx(want_ms, rel=0.10)
-            assert ttft_ms == pytest.approx(host_ms + want_ms, rel=0.10)
+            assert min(ttfts) == pytest.approx(host_ms + want_ms, rel=0.10)
             got[n] = reported
         assert got[32768] > 1.5 * 4 * got[8192]  # 4x the tokens, more than 6x the time
 
