@@ -280,6 +280,11 @@ def _rel_err(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
     return float(np.median(err)), float(np.quantile(err, 0.9))
 
 
+def warm_refit_worker() -> None:
+    """Initializer of a process that runs `RefitJob.work`: import the fit's scipy once at its start."""
+    import scipy.optimize  # noqa: F401
+
+
 @dataclass(frozen=True)
 class RefitJob:
     work: Callable[[], tuple[FitResult, dict[str, float | None]]]

@@ -106,6 +106,7 @@ def create_app(cfg: StackConfig, transport: Transport | None = None) -> FastAPI:
         app.state.ppd = state
         metrics.watch_policies(lambda: state.router.policies)
         await pool.start()
+        state.router.start_refit_worker()
         saver = asyncio.create_task(_save_calibration_every(state.router, CALIBRATION_SAVE_INTERVAL_S))
         try:
             yield

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ppd import roofline, specs
-from ppd.calibration import RefitJob
+from ppd.calibration import RefitJob, warm_refit_worker
 from ppd.config import StackConfig, resolve_path
 from ppd.policies import Decision, Policy, PolicyContext, Route, RoutingInput, ServerLoad, make_policy, policy_names
 from ppd.policies.base import Observation
@@ -477,9 +477,16 @@ class Router:
     def _executor(self) -> concurrent.futures.Executor:
         if self.refit_executor is None:
             self.refit_executor = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_refit_worker
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=warm_refit_worker
             )
         return self.refit_executor
+
+    def start_refit_worker(self) -> None:
+        """Start the calibration worker now if the configured policy refits (`auto`): its start-up (a Python process
+        importing numpy and scipy, ~1 s of CPU) then falls at the router's start, not amid traffic at the first
+        refit. Other policies start it at their first due refit, if a request ever names `auto`."""
+        if getattr(self.default_policy, "observe_deferred", None) is not None:
+            self._executor().submit(int)  # a trivial call: the pool starts its process on the first submit
 
     async def _run_refits(self, name: str, job: RefitJob | None) -> None:
         loop = asyncio.get_running_loop()
@@ -502,8 +509,3 @@ class Router:
         if self.refit_executor is not None:
             executor, self.refit_executor = self.refit_executor, None
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
-
-
-def _warm_refit_worker() -> None:
-    """The worker imports the fit's scipy once at start (~0.3 s), not during the first refit."""
-    import scipy.optimize  # noqa: F401

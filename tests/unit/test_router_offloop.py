@@ -104,6 +104,7 @@ async def test_calibration_refits_run_off_the_loop_and_coalesce(monkeypatch):
     cfg, cluster = make_config("auto", policy_params={"refit_every": 1, "min_route_obs": 1})
     async with running_router(cfg, cluster) as (app, client):
         # a thread instead of the worker process, so the fit can be held here (the process is tested below)
+        app.state.ppd.router.refit_executor.shutdown()
         app.state.ppd.router.refit_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         policy = app.state.ppd.router.default_policy
         headers = {"x-ppd-policy": "decode"}  # a forced route: `auto` learns from it all the same
@@ -130,6 +131,7 @@ async def test_calibration_refits_run_in_a_worker_process():
     cfg, cluster = make_config("auto", policy_params={"refit_every": 2, "min_route_obs": 1})
     async with running_router(cfg, cluster) as (app, client):
         router = app.state.ppd.router
+        assert router.refit_executor is not None  # started with the app: the configured policy refits
         for i in range(4):
             r = await client.post("/v1/chat/completions", json=chat(f"turn {i}"), headers={"x-ppd-policy": "decode"})
             assert r.status_code == 200
