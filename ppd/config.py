@@ -69,9 +69,8 @@ class EmulatorConfig:
     kv_capacity_tokens: int = 0  # 0 = derive from the GPU's memory minus weights
     mem_fraction_static: float = 0.8
     seed: int = 0
-    waiting_timeout_s: float = (
-        300.0  # PD: a half whose peer never shows up is aborted (SGLANG_DISAGGREGATION_*_TIMEOUT)
-    )
+    # PD: a half whose peer never shows up is aborted (SGLANG_DISAGGREGATION_*_TIMEOUT)
+    waiting_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -152,9 +152,8 @@ MODELS: dict[str, ModelSpec] = {
 # of the lent box (results/h200x2: 1 GB in 5.8-7.7 ms, 128 MB in 3-5 ms -> ~150 GB/s + ~3 ms), far below NV18's
 # ~450 GB/s peak. RDMA/TCP classes: line rate. mooncake-tcp: Mooncake's TCP transport on that box (median 1.6 GB/s).
 LINKS: dict[str, LinkSpec] = {
-    "nvlink": LinkSpec(
-        "nvlink", gbytes_per_s=150.0, latency_ms=3.0
-    ),  # Mooncake NVLink, measured 2xH200 (results/h200x2)
+    # Mooncake NVLink, measured 2xH200 (results/h200x2)
+    "nvlink": LinkSpec("nvlink", gbytes_per_s=150.0, latency_ms=3.0),
     "rdma-400g": LinkSpec("rdma-400g", gbytes_per_s=50.0, latency_ms=2.0),
     "rdma-100g": LinkSpec("rdma-100g", gbytes_per_s=12.5, latency_ms=2.0),
     "tcp-25g": LinkSpec("tcp-25g", gbytes_per_s=3.125, latency_ms=5.0),

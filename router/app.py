@@ -35,8 +35,8 @@ from ppd import specs
 from ppd.config import StackConfig, resolve_path, to_dict
 from ppd.policies import Route, policy_names
 from ppd.sglang import protocol
-from ppd.sglang.client import BackendError, SGLangClient, loads, make_transport
-from ppd.sglang.transport import Transport
+from ppd.sglang.client import BackendError, SGLangClient, loads
+from ppd.sglang.transport import AiohttpTransport, Transport
 from ppd.tokenizer import ChatTokenizer, message_text
 from router import openai_models as om
 from router.backends import BackendPool
@@ -89,7 +89,7 @@ def create_app(cfg: StackConfig, transport: Transport | None = None) -> FastAPI:
         r = cfg.router
         metrics = RouterMetrics()
         # P-route requests hold two connections (prefill + decode), plus health/metrics polls and aborts.
-        net = transport or make_transport(r.connect_timeout_s, 2 * r.max_inflight_total + 4 * len(cfg.servers) + 16)
+        net = transport or AiohttpTransport(r.connect_timeout_s, 2 * r.max_inflight_total + 4 * len(cfg.servers) + 16)
         client = SGLangClient(net)
         pool = BackendPool(cfg, client, metrics)
         state = RouterState(

@@ -7,8 +7,8 @@ the generated tokens (the server keeps both), the prefill server's index the pro
 
 Calibration never runs on the event loop, nor in its process: a policy with `observe_deferred` (auto) hands back its
 due refit as a job, whose fit over a snapshot of its window runs in a worker process (a scipy fit in a thread held the
-GIL for tens of ms and delayed the requests being served meanwhile); its result is installed back on the loop. Observations
-are in GPU time: with emulated backends the router's wall-clock TTFT/TPOT/E2E are divided by the emulator's
+GIL for tens of ms and delayed the requests being served meanwhile); its result is installed back on the loop.
+Observations are in GPU time: with emulated backends the router's wall-clock TTFT/TPOT/E2E are divided by the emulator's
 time_scale, like the servers' own reported timings.
 
 Admission: `reserve` takes a slot of the total in-flight limit before the request is tokenized (a flood is refused
@@ -142,7 +142,9 @@ class Router:
         self.admitting = 0  # requests holding a total slot while they are tokenized (see `reserve`)
         self._refits: dict[str, asyncio.Task] = {}  # policy name -> its calibration refit running off-loop
         self._next_refit: dict[str, RefitJob] = {}  # the newest refit due meanwhile
-        self.refit_executor: concurrent.futures.Executor | None = None  # made at the first refit (a worker process)
+        # the calibration worker process: started with the router when the configured policy refits, else at the
+        # first due refit
+        self.refit_executor: concurrent.futures.Executor | None = None
 
     # --- policies ------------------------------------------------------------------------------------------------
 

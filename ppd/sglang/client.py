@@ -24,18 +24,13 @@ from ppd.sglang.protocol import (
     SSE_DONE,
     GenerateOutput,
 )
-from ppd.sglang.transport import AiohttpTransport, BackendError, StreamBody, Transport
+from ppd.sglang.transport import BackendError, StreamBody, Transport
 
-__all__ = ["BackendError", "DeltaIds", "SGLangClient", "make_transport"]
+__all__ = ["BackendError", "DeltaIds", "SGLangClient"]
 
 log = logging.getLogger(__name__)
 
 _METRICS_WANTED = (METRIC_RUNNING, METRIC_QUEUED, METRIC_TOKEN_USAGE, METRIC_USED_TOKENS, METRIC_MAX_TOTAL_TOKENS)
-
-
-def make_transport(connect_timeout_s: float, max_connections: int) -> Transport:
-    """The router's one pooled transport. Read timeouts are enforced per token by the caller (first/inter-token)."""
-    return AiohttpTransport(connect_timeout_s, max_connections)
 
 
 @dataclass
@@ -114,9 +109,7 @@ def loads(data: bytes | str) -> Any:
 _SSE_DONE_BYTES = SSE_DONE.encode()
 
 
-def _parse_chunk(url: str, line: bytes | str) -> GenerateOutput | None:
-    if isinstance(line, str):
-        line = line.encode()
+def _parse_chunk(url: str, line: bytes) -> GenerateOutput | None:
     line = line.strip()
     if not line.startswith(b"data:"):
         return None

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import aiohttp
-
-log = logging.getLogger(__name__)
 
 BACKEND_KEEPALIVE_EXPIRY_S = 2.0  # below SGLang's (uvicorn's) 5 s idle timeout
 DRAIN_AFTER_FINISH_S = 1.0  # how long a finished stream's tail ([DONE], chunk terminator) may take before we close

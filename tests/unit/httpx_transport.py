@@ -15,7 +15,6 @@ from ppd.sglang.transport import JSON_HEADERS, BackendError
 class _Body:
     def __init__(self, url: str, response: httpx.Response):
         self.url, self.response = url, response
-        self.kept_alive = False
 
     async def reads(self) -> AsyncIterator[bytes]:
         try:
@@ -25,7 +24,7 @@ class _Body:
             raise BackendError(self.url, f"stream broken: {type(err).__name__}: {err}", dropped=True) from err
 
     def keep_alive_after(self) -> None:
-        self.kept_alive = True
+        pass  # in memory: no connection to keep
 
 
 def _failure(url: str, err: httpx.HTTPError) -> BackendError:
@@ -37,7 +36,6 @@ def _failure(url: str, err: httpx.HTTPError) -> BackendError:
 class HttpxTransport:
     def __init__(self, inner: httpx.AsyncBaseTransport):
         self.http = httpx.AsyncClient(transport=inner)
-        self.streams: list[_Body] = []  # every 200 stream handed out, to check which were kept alive
 
     @contextlib.asynccontextmanager
     async def stream(self, url: str, path: str, body: bytes) -> AsyncIterator[_Body]:
@@ -50,9 +48,7 @@ class HttpxTransport:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 raise BackendError(url, f"HTTP {response.status_code}: {text[:500]}", status=response.status_code)
-            wrapped = _Body(url, response)
-            self.streams.append(wrapped)
-            yield wrapped
+            yield _Body(url, response)
         finally:
             await response.aclose()
 
