@@ -485,7 +485,7 @@ class Router:
 
     def start_refit_worker(self) -> None:
         """Start the calibration worker now if the configured policy refits (`auto`): its start-up (a Python process
-        importing numpy and scipy, ~1 s of CPU) then falls at the router's start, not amid traffic at the first
+        importing numpy and scipy) then falls at the router's start, not amid traffic at the first
         refit. Other policies start it at their first due refit, if a request ever names `auto`."""
         if getattr(self.default_policy, "observe_deferred", None) is not None:
             self._executor().submit(int)  # a trivial call: the pool starts its process on the first submit
