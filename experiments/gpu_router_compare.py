@@ -199,11 +199,13 @@ async def run(args: argparse.Namespace) -> dict:
                 )
                 print(f"tokens L={n} {name} vs ours: {same} ({how})", flush=True)
 
-        routers = [("ours", args.ours)] + refs
+        # another build of our router (--ours-before), timed the same way: ours minus it is what the change did
+        before = [("ours-before", args.ours_before)] if args.ours_before else []
+        routers = [("ours", args.ours)] + before + refs
 
         async def one(name: str, url: str, n: int) -> dict[str, Any]:
             ids = ids_of(n)  # fresh: no router gets a cache hit the other made
-            if name == "ours":
+            if name.startswith("ours"):
                 return await via_ours(c, url, model, ids, args.max_new_tokens)
             return await via_sglang_router(c, url, ids, args.max_new_tokens)
 
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sglang", default="http://127.0.0.1:8100", help="sglang-router (Rust) in PD mode")
     p.add_argument("--sglang-label", default="sglang-router")
     p.add_argument("--mini-lb", default=None, help="sglang-router's --mini-lb, if running")
+    p.add_argument("--ours-before", default=None, help="an earlier build of our router, timed alongside (TTFT only)")
     p.add_argument("--prefill", default="http://127.0.0.1:31000", help="flushed before each identity request")
     p.add_argument("--decode", default="http://127.0.0.1:31001")
     p.add_argument("--model", default="llama-3-8b", help="served model name of our router")

@@ -1,12 +1,14 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
 
-FastAPI's own 422 (body validation, malformed JSON) becomes a 400 in the same shape, so OpenAI clients raise their
-usual `BadRequestError`. Anything unexpected is a 500 in the same shape, and the router keeps serving.
+A request body that is not valid JSON or does not validate is a 400 in that shape (FastAPI's own 422 too), so OpenAI
+clients raise their usual `BadRequestError`. Anything unexpected is a 500 in the same shape, and the router keeps
+serving.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,18 +58,12 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers={**self.headers, **(extra_headers or {})})
 
 
-def _validation_message(err: RequestValidationError) -> tuple[str, str | None, str]:
-    """One readable sentence from pydantic's error list; the first failing field is `param`."""
-    errors = err.errors()
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None, str]:
+    """One readable sentence from pydantic's error list (`ValidationError.errors()`, or FastAPI's, whose locations
+    start with "body"); the first failing field is `param`."""
     if not errors:
         return "invalid request", None, "invalid_request"
     first = errors[0]
-    if first.get("type") == "json_invalid":
-        return (
-            f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
-            None,
-            "invalid_json",
-        )
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     parts = []
@@ -78,27 +74,14 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None, s
     return "; ".join(parts), param, code
 
 
-_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-
-
-def _count_bad_request(request: Request, status: int) -> None:
-    """Refused input counts in ppd_requests_total too (429/503 are counted where they are decided)."""
-    endpoint = _ENDPOINTS.get(request.url.path)
-    state = getattr(request.app.state, "ppd", None)
-    if endpoint and state is not None and 400 <= status < 500 and status != 429:
-        state.metrics.requests.labels(endpoint, "none", "bad_request").inc()
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        _count_bad_request(request, exc.status)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param, code = _validation_message(exc)
-        _count_bad_request(request, 400)
+        message, param, code = validation_message(exc.errors())
         return OpenAIError(400, message, param=param, code=code).response()
 
     @app.exception_handler(StarletteHTTPException)

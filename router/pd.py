@@ -71,30 +71,72 @@ async def _with_timeout(aw: Awaitable[T], timeout_s: float) -> T:
     return await asyncio.wait_for(aw, timeout_s)  # pragma: no cover - Python 3.10
 
 
-async def _guarded(aw: Awaitable[T], guard: asyncio.Task | None, deadline: float) -> T:
-    """Await `aw` until `deadline` (loop time), failing early if `guard` (the prefill half) fails."""
-    task = asyncio.ensure_future(aw)
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            if guard is not None and guard.done():
-                if guard.cancelled():
-                    raise PrefillFailed("prefill", "prefill half cancelled")
-                if guard.exception() is not None:
-                    raise guard.exception()  # type: ignore[misc]
-                guard = None  # the prefill half finished fine; only the decode server matters now
-            waiting = {task} if guard is None else {task, guard}
-            timeout = max(0.0, deadline - loop.time())
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                return task.result()
-            if not done:
+def uncancel(task: asyncio.Task | None) -> None:
+    """Take back a cancel request that was handled (Python 3.11+ counts them; later awaits would see it)."""
+    take_back = getattr(task, "uncancel", None)
+    if take_back is not None:
+        take_back()
+
+
+class FirstTokenWait:
+    """`async with` around each await before the first token: cancels the waiting task at the first-token deadline
+    (loop time; TimeoutError) or when the prefill half fails (its PrefillFailed). The awaits run in the request's own
+    task: wrapping each in a task of its own, to race it against the prefill half, cost an event-loop turn per await
+    on the path to the first token."""
+
+    def __init__(self, deadline: float, prefill: asyncio.Task | None):
+        self.deadline = deadline
+        self.prefill = prefill
+        self._task: asyncio.Task | None = None
+        self._fired: str | None = None  # "timeout" or "prefill": this object cancelled the task
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _raise_if_prefill_failed(self) -> None:
+        p = self.prefill
+        if p is not None and p.done():
+            if p.cancelled():
+                raise PrefillFailed("prefill", "prefill half cancelled")
+            if p.exception() is not None:
+                raise p.exception()  # type: ignore[misc]
+
+    def _fire(self, why: str) -> None:
+        if self._fired is None and self._task is not None:
+            self._fired = why
+            self._task.cancel()
+
+    def _prefill_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self._fire("prefill")
+
+    async def __aenter__(self) -> None:
+        self._raise_if_prefill_failed()
+        self._task = asyncio.current_task()
+        self._fired = None
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(self.deadline, self._fire, "timeout")
+        if self.prefill is not None:
+            self.prefill.add_done_callback(self._prefill_done)
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        assert self._timer is not None and self._task is not None
+        self._timer.cancel()
+        if self.prefill is not None:
+            self.prefill.remove_done_callback(self._prefill_done)
+        fired, self._fired, task, self._task = self._fired, None, self._task, None
+        if fired is None:
+            return False
+        if exc_type is asyncio.CancelledError:
+            uncancel(task)
+            if fired == "timeout":
                 raise TimeoutError
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            self._raise_if_prefill_failed()
+            return False
+        # the await ended otherwise in the turn the cancel came: take the cancel back before anything else awaits
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            uncancel(task)
+        return False
 
 
 class RouteCall:
@@ -162,25 +204,29 @@ class RouteCall:
         The timeouts apply per read."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.first_token_s
-        if self.plan.route is Route.PREFILL:
-            self._prefill_task = asyncio.create_task(self._prefill_half())
-            self._prefill_task.add_done_callback(_retrieve)
-        guard = self._prefill_task
         inter_token_s = self.timeouts.inter_token_s
         delta = DeltaIds()
         first = True
         try:
             async with contextlib.AsyncExitStack() as stack:
-                stream = await _guarded(
-                    stack.enter_async_context(self.client.generate_batches(self.plan.decode.url, self.payload)),
-                    guard,
-                    deadline,
-                )
+                if self.plan.route is Route.PREFILL:
+                    # Created first but runs once this task waits, i.e. after the decode half's request is out:
+                    # SGLang's prefill server holds a request in its bootstrap queue until the decode server has
+                    # reserved KV for it and said where to write it, so the decode request's arrival is on the path
+                    # to the first token.
+                    self._prefill_task = asyncio.create_task(self._prefill_half())
+                    self._prefill_task.add_done_callback(_retrieve)
+                waiting = FirstTokenWait(deadline, self._prefill_task)
+                async with waiting:
+                    stream = await stack.enter_async_context(
+                        self.client.generate_batches(self.plan.decode.url, self.payload)
+                    )
                 it = aiter(stream)
                 while True:
                     try:
                         if first:
-                            batch = await _guarded(anext(it), guard, deadline)
+                            async with waiting:
+                                batch = await anext(it)
                         else:
                             batch = await _with_timeout(anext(it), inter_token_s)
                     except StopAsyncIteration:
@@ -259,7 +305,7 @@ def _aborted(out: protocol.GenerateOutput) -> bool:
 
 
 def _retrieve(task: asyncio.Task) -> None:
-    """Mark a task's exception as seen (it is raised where it matters, through `_guarded`)."""
+    """Mark a task's exception as seen (it is raised where it matters, through `FirstTokenWait`)."""
     if not task.cancelled():
         task.exception()
 

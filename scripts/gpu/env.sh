@@ -86,7 +86,8 @@ wait_up() {
 
 url_of() {
   case $1 in prefill-0) echo $P ;; decode-0) echo $D ;; colocated-0) echo $S ;; router) echo $R ;;
-    sglang-router) echo http://127.0.0.1:8100 ;; mini-lb) echo http://127.0.0.1:8200 ;; esac
+    sglang-router) echo http://127.0.0.1:8100 ;; mini-lb) echo http://127.0.0.1:8200 ;;
+    router-before) echo http://127.0.0.1:8300 ;; esac
 }
 
 # bg NAME CMD...: any other long-lived process (sglang-router) in its own session
@@ -146,16 +147,27 @@ restart_pd_tcp() {
 }
 
 # router_compare: sglang-router 0.3.2 (Rust) and its mini-lb in front of the running PD pair, our router (forced
-# `prefill` by header) against both: same tokens, TTFT p50/mean and the per-round paired difference (9 rotated rounds)
+# `prefill` by header) against both: same tokens, TTFT p50/mean and the per-round paired difference (RC_REPS rotated
+# rounds, 9 unless set)
 router_compare() {
   bg sglang-router python3 -m sglang_router.launch_router --pd-disaggregation --prefill "$P" "$BP" --decode "$D" \
     --host 127.0.0.1 --port 8100
   bg mini-lb python3 -m sglang_router.launch_router --pd-disaggregation --mini-lb --prefill "$P" "$BP" --decode "$D" \
     --host 127.0.0.1 --port 8200
-  wait_up 45 sglang-router mini-lb || say "a reference router is not up (its rows will show errors)"
-  step router_compare 240 python3 -m experiments.gpu_router_compare --prefill "$P" --decode "$D" --ours "$R" \
-    --sglang http://127.0.0.1:8100 --mini-lb http://127.0.0.1:8200 --lengths 512,2048,8192 --reps 9 --warmup 2 \
-    --out "$RES/router_compare.json"
+  local before=() up=(sglang-router mini-lb)
+  if [ -d "$REPO/.gpu-stage/before/router" ]; then
+    # an earlier build of our router (carried as .gpu-stage/before: its ppd, router, launch, configs), with the same
+    # config and sets as ours, on port 8300: timed alongside, ours minus it is what the change did on this box
+    (cd "$REPO/.gpu-stage/before" && PYTHONPATH=/root/site:$PWD bg router-before python3 -m router \
+      --config "$PPD_CFG" "${BASE_SETS[@]}" $(cat "$RUN/router.sets" 2>/dev/null) --set router.port=8300)
+    before=(--ours-before http://127.0.0.1:8300)
+    up+=(router-before)
+  fi
+  wait_up 45 "${up[@]}" || say "a reference router is not up (its rows will show errors)"
+  step router_compare 300 python3 -m experiments.gpu_router_compare --prefill "$P" --decode "$D" --ours "$R" \
+    --sglang http://127.0.0.1:8100 --mini-lb http://127.0.0.1:8200 "${before[@]}" --lengths 512,2048,8192 \
+    --reps "${RC_REPS:-9}" --warmup 2 --out "$RES/router_compare.json"
   stop sglang-router
   stop mini-lb
+  stop router-before
 }

@@ -13,6 +13,11 @@ rm -rf b && mkdir b && tar -xf bundle.tar -C b
 say "installing $(ls b/wheels | wc -l) wheels into /root/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/site b/wheels/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3 || true
 cp -r b/kernel/* /root/site/
+# wheels added after the bundle was staged, carried beside its last chunk (`carry: [".gpu-stage/05", ".gpu-stage/extra"]`)
+if compgen -G "$REPO/.gpu-stage/extra/*.whl" > /dev/null; then
+  say "installing the extra wheels: $(cd "$REPO/.gpu-stage/extra" && ls *.whl | tr '\n' ' ')"
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/site "$REPO"/.gpu-stage/extra/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3 || true
+fi
 cp b/MANIFEST "$RUN/bundle-MANIFEST.txt"
 cd "$REPO"
 python3 - <<'PY' 2>&1 | tee "$RUN/versions.txt"
@@ -21,7 +26,7 @@ import torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
 for mod in ("sglang", "sgl_kernel", "triton", "transformers", "tokenizers", "mooncake", "sglang_router", "fastapi",
-            "uvicorn", "pydantic", "zmq", "orjson", "openai", "httpx", "prometheus_client", "yaml", "jinja2"):
+            "uvicorn", "httptools", "uvloop", "aiohttp", "pydantic", "zmq", "orjson", "openai", "httpx", "prometheus_client", "yaml", "jinja2"):
     try:
         m = importlib.import_module(mod)
         print(f"{mod:18s} {getattr(m, '__version__', '')}")

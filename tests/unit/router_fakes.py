@@ -56,6 +56,7 @@ class FakeCluster:
         for role, urls in (("prefill", prefill_urls), ("decode", decode_urls), ("colocated", colocated_urls)):
             for u in urls:
                 self.servers[u] = FakeServer(role, u)
+        self.arrivals: list[tuple[str, str]] = []  # (server url, path) of every request, in arrival order
         self.rooms: dict[int, asyncio.Event] = {}
         self.abort_events: dict[str, asyncio.Event] = {}
         self.transport = httpx.MockTransport(self.handle)
@@ -80,6 +81,10 @@ class FakeCluster:
         body = json.loads(request.content) if request.content else None
         path = request.url.path
         server.requests.append((path, body))
+        self.arrivals.append((base, path))
+        # A real server answers at least one event-loop turn later (a network round trip): the router's other tasks
+        # (the prefill half of a P-route, sent while the decode half waits) run meanwhile.
+        await asyncio.sleep(0)
         if path == "/health":
             return httpx.Response(200)
         if path == "/server_info":

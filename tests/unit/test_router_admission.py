@@ -11,7 +11,7 @@ import threading
 import pytest
 from router_fakes import D_URL, P_URL, make_config, running_router
 
-import router.app as router_app
+import router.endpoints as router_endpoints
 from ppd.policies import Decision, Route, register
 
 MODEL = "llama-3-8b"
@@ -137,7 +137,7 @@ async def test_total_limit_refuses_before_tokenizing():
 
 
 async def test_a_request_being_tokenized_holds_its_slot(monkeypatch):
-    monkeypatch.setattr(router_app, "TOKENIZE_INLINE_MAX_CHARS", 100)
+    monkeypatch.setattr(router_endpoints, "TOKENIZE_INLINE_MAX_CHARS", 100)
     cfg, cluster = make_config("decode", max_inflight_total=1)
     async with running_router(cfg, cluster) as (app, client):
         tok = app.state.ppd.tokenizer

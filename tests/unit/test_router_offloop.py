@@ -16,7 +16,7 @@ import pytest
 from router_fakes import D_URL, make_config, running_router
 
 import ppd.calibration as calibration
-import router.app as router_app
+import router.endpoints as router_endpoints
 from ppd.calibration import Calibrator
 from ppd.costmodel import CostParams
 from ppd.policies import Decision, Route, register
@@ -48,7 +48,7 @@ async def test_long_tokenization_runs_off_the_loop(stream):
         threads: list[int] = []
 
         def held(messages, *args, **kw):
-            if len(messages[0]["content"]) > router_app.TOKENIZE_INLINE_MAX_CHARS:
+            if len(messages[0]["content"]) > router_endpoints.TOKENIZE_INLINE_MAX_CHARS:
                 threads.append(threading.get_ident())
                 entered.set()
                 assert release.wait(10)
