@@ -1,4 +1,5 @@
-"""Client CPU per streamed /generate call: httpx (what the router used) vs aiohttp (what it uses now).
+"""Client CPU per streamed /generate call: httpx (the router's first client), aiohttp (its second) and the router's
+own HTTP/1.1 transport (ppd.sglang.transport, httptools; what it uses now).
 
     python -m experiments.http_client_cost --out results/router-overhead/http_client_cost.json
 
@@ -22,6 +23,8 @@ import time
 import aiohttp
 import httpx
 import orjson
+
+from ppd.sglang.transport import Http11Transport
 
 CHUNKS = [
     b"data: "
@@ -63,7 +66,9 @@ async def measure(n: int, rounds: int, prompt_tokens: int) -> dict:
     rng = random.Random(0)
     body = orjson.dumps({"input_ids": [rng.randint(0, 128000) for _ in range(prompt_tokens)], "stream": True})
     headers = {"content-type": "application/json"}
-    out: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
+    out: dict[str, list[float]] = {"httpx": [], "aiohttp": [], "ppd": []}
+    base = url.rsplit("/", 1)[0]
+    ours = Http11Transport(connect_timeout_s=5.0)
     async with httpx.AsyncClient() as hx, aiohttp.ClientSession() as ah:
 
         async def via_httpx() -> None:
@@ -77,14 +82,20 @@ async def measure(n: int, rounds: int, prompt_tokens: int) -> dict:
                 async for _ in r.content.iter_any():
                     pass
 
+        async def via_ppd() -> None:
+            async with ours.stream(base, "/generate", body) as r:
+                async for _ in r.reads():
+                    pass
+
         for _ in range(rounds):
-            for name, call in (("httpx", via_httpx), ("aiohttp", via_aiohttp)):
+            for name, call in (("httpx", via_httpx), ("aiohttp", via_aiohttp), ("ppd", via_ppd)):
                 for _ in range(max(10, n // 20)):  # warm the pool
                     await call()
                 t0 = time.process_time()
                 for _ in range(n):
                     await call()
                 out[name].append((time.process_time() - t0) / n * 1e6)
+    await ours.aclose()
     server.close()
     return {name: {"cpu_us_per_call_median": statistics.median(v), "rounds_us": v} for name, v in out.items()}
 
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    for name in ("httpx", "aiohttp"):
+    for name in ("httpx", "aiohttp", "ppd"):
         print(f"{name:8s} {doc[name]['cpu_us_per_call_median']:7.0f} us CPU per streamed call (median of rounds)")
     print(f"wrote {path}")
     return 0

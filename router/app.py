@@ -29,7 +29,7 @@ from ppd import specs
 from ppd.config import StackConfig, resolve_path, to_dict
 from ppd.policies import policy_names
 from ppd.sglang.client import SGLangClient
-from ppd.sglang.transport import AiohttpTransport, Transport
+from ppd.sglang.transport import Http11Transport, Transport
 from ppd.tokenizer import ChatTokenizer
 from router import endpoints
 from router import openai_models as om
@@ -85,8 +85,7 @@ def create_app(cfg: StackConfig, transport: Transport | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         r = cfg.router
         metrics = RouterMetrics()
-        # P-route requests hold two connections (prefill + decode), plus health/metrics polls and aborts.
-        net = transport or AiohttpTransport(r.connect_timeout_s, 2 * r.max_inflight_total + 4 * len(cfg.servers) + 16)
+        net = transport or Http11Transport(r.connect_timeout_s)
         client = SGLangClient(net)
         pool = BackendPool(cfg, client, metrics)
         state = RouterState(

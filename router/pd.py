@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from ppd.policies import Route
 from ppd.sglang import protocol
-from ppd.sglang.client import BackendError, DeltaIds, SGLangClient, dumps
+from ppd.sglang.client import BackendError, DeltaIds, GenerateStream, SGLangClient, dumps
 from router.errors import OpenAIError
 from router.routing import RoutePlan
 
@@ -164,10 +164,10 @@ class RouteCall:
         self.abort_tasks: list[asyncio.Task] = []  # those aborts, in flight (a retry waits for them)
         self._prefill_task: asyncio.Task | None = None
 
-    async def _prefill_half(self) -> protocol.GenerateOutput:
+    async def _prefill_half(self, stream: GenerateStream) -> protocol.GenerateOutput:
         assert self.plan.prefill is not None
         try:
-            out = await self.client.generate_last(self.plan.prefill.url, self.payload)
+            out = await self.client.last_of(self.plan.prefill.url, stream)
         except BackendError as err:
             raise PrefillFailed(
                 err.url, err.message, status=err.status, connect=err.connect, dropped=err.dropped
@@ -209,18 +209,23 @@ class RouteCall:
         first = True
         try:
             async with contextlib.AsyncExitStack() as stack:
+                # Both halves of a P-route leave in this event-loop turn, the prefill's first, as sglang-router sends
+                # them: the prefill server holds its half until the decode server has reserved KV for it, and the
+                # first token waits for whichever arrives last (on 2 x H200, sending one from a task after the other
+                # cost ~1 ms of TTFT: results/h200x2/README.md, "Session 4").
                 if self.plan.route is Route.PREFILL:
-                    # Created first but runs once this task waits, i.e. after the decode half's request is out:
-                    # SGLang's prefill server holds a request in its bootstrap queue until the decode server has
-                    # reserved KV for it and said where to write it, so the decode request's arrival is on the path
-                    # to the first token.
-                    self._prefill_task = asyncio.create_task(self._prefill_half())
+                    assert self.plan.prefill is not None
+                    prefill_stream = self.client.generate_batches(self.plan.prefill.url, self.payload)
+                decode = self.client.generate_batches(self.plan.decode.url, self.payload)
+                stack.callback(decode.close)  # a no-op once the stream ended; else its connection is closed
+                if self.plan.route is Route.PREFILL:
+                    self._prefill_task = asyncio.create_task(self._prefill_half(prefill_stream))
                     self._prefill_task.add_done_callback(_retrieve)
+                    # a task cancelled before it ran never entered its stream: close that one's connection
+                    self._prefill_task.add_done_callback(lambda _: prefill_stream.close())
                 waiting = FirstTokenWait(deadline, self._prefill_task)
                 async with waiting:
-                    stream = await stack.enter_async_context(
-                        self.client.generate_batches(self.plan.decode.url, self.payload)
-                    )
+                    stream = await stack.enter_async_context(decode)
                 it = aiter(stream)
                 while True:
                     try:

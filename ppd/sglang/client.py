@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from ppd.sglang.protocol import (
     SSE_DONE,
     GenerateOutput,
 )
-from ppd.sglang.transport import BackendError, StreamBody, Transport
+from ppd.sglang.transport import BackendError, Exchange, StreamBody, Transport
 
 __all__ = ["BackendError", "DeltaIds", "SGLangClient"]
 
@@ -127,30 +126,47 @@ def _parse_chunk(url: str, line: bytes) -> GenerateOutput | None:
     return GenerateOutput.from_json(obj)
 
 
+class GenerateStream:
+    """A /generate request on its way (`SGLangClient.generate_batches`): `async with` it for its chunk batches;
+    `close()` gives it up if it will never be entered."""
+
+    def __init__(self, client: SGLangClient, url: str, exchange: Exchange):
+        self.client = client
+        self.url = url
+        self.exchange = exchange
+        self._seen = _Seen()
+        self._response: StreamBody | None = None
+
+    async def __aenter__(self) -> AsyncIterator[list[GenerateOutput]]:
+        self._response = await self.exchange.__aenter__()
+        return self.client._batches(self.url, self._response, self._seen)
+
+    async def __aexit__(self, *exc: object) -> None:
+        # however the caller left (it may close its generator at the last chunk): once the server has sent its last
+        # chunk it is done with the request, and the connection can serve the next one
+        if self._seen.finish and self._response is not None:
+            self._response.keep_alive_after()
+        await self.exchange.__aexit__(*exc)
+
+    def close(self) -> None:
+        self.exchange.close()
+
+
 class SGLangClient:
     def __init__(self, transport: Transport):
         self.transport = transport
         self._background: set[asyncio.Task] = set()
 
-    @asynccontextmanager
-    async def generate_batches(
-        self, url: str, body: dict[str, Any] | bytes
-    ) -> AsyncIterator[AsyncIterator[list[GenerateOutput]]]:
-        """POST /generate with stream=True; yields an iterator of chunk lists, one per network read: every chunk
-        that had arrived by then. At low load that is one chunk; under load the caller handles several at once (one
-        downstream event for all their tokens). Raises BackendError on connect/non-200. `body` may come encoded
-        already (`dumps`): the P-route sends the same one to two servers. Left after the server's last chunk, the
-        stream's connection is kept for the next request; left earlier, it is closed (the server aborts)."""
+    def generate_batches(self, url: str, body: dict[str, Any] | bytes) -> GenerateStream:
+        """POST /generate with stream=True; `async with` the result for an iterator of chunk lists, one per network
+        read: every chunk that had arrived by then. At low load that is one chunk; under load the caller handles
+        several at once (one downstream event for all their tokens). Raises BackendError on connect/non-200. `body`
+        may come encoded already (`dumps`): the P-route sends the same one to two servers. The request leaves from
+        this call when the transport has a kept-alive connection at hand (not when the context is entered): the
+        P-route's two halves go out in one event-loop turn. Left after the server's last chunk, the stream's
+        connection is kept for the next request; left earlier, it is closed (the server aborts)."""
         content = body if isinstance(body, bytes) else dumps(body)
-        async with self.transport.stream(url, "/generate", content) as response:
-            seen = _Seen()
-            try:
-                yield self._batches(url, response, seen)
-            finally:
-                # however the caller left (it may close its generator at the last chunk): once the server has sent
-                # its last chunk it is done with the request, and the connection can serve the next one
-                if seen.finish:
-                    response.keep_alive_after()
+        return GenerateStream(self, url, self.transport.stream(url, "/generate", content))
 
     async def _batches(self, url: str, response: StreamBody, seen: _Seen) -> AsyncIterator[list[GenerateOutput]]:
         # Lines split from raw bytes (no text decoding): each read's complete `data:` lines, one orjson parse each.
@@ -174,8 +190,12 @@ class SGLangClient:
 
     async def generate_last(self, url: str, body: dict[str, Any] | bytes) -> GenerateOutput:
         """Run a /generate stream to its end and return the last chunk (the prefill half of a P-route)."""
+        return await self.last_of(url, self.generate_batches(url, body))
+
+    async def last_of(self, url: str, stream: GenerateStream) -> GenerateOutput:
+        """The last chunk of a stream already sent (`generate_batches`), read to its end."""
         last: GenerateOutput | None = None
-        async with self.generate_batches(url, body) as batches:
+        async with stream as batches:
             async for batch in batches:
                 last = batch[-1]
         if last is None:

@@ -1,28 +1,38 @@
-"""The router's HTTP to SGLang servers: one pooled aiohttp session, every failure turned into a `BackendError`.
+"""The router's HTTP to SGLang servers: kept-alive HTTP/1.1 connections, every failure turned into a `BackendError`.
 
-aiohttp rather than httpx on this path: a streamed /generate call costs ~0.12 ms of client CPU with aiohttp's C
-parser against ~0.77 ms through httpx/httpcore/anyio (`python -m experiments.http_client_cost`, 2-core CPU box,
-results/router-overhead/), and a P-route request makes two of them before its first token. `Transport` is the
-narrow surface `SGLangClient` needs; tests put an in-memory fake behind it (tests/unit/httpx_transport.py).
+A small client of our own, on asyncio's protocol API with httptools (llhttp, the C parser uvicorn uses) reading the
+responses, because the P-route's time to first token runs through it twice:
+- a request is written to the socket in the caller's own event-loop turn, when `stream()` is called (on a kept-alive
+  connection): the P-route's two halves leave back to back, as sglang-router's Rust router sends them. With aiohttp
+  each request went out from a task of its own, one after the other; on 2 x H200 the prefill server saw its half
+  ~1 ms after the decode server saw its own, and the first token came that much later (results/h200x2/README.md,
+  "Session 4");
+- it costs a fraction of aiohttp's CPU per call (`python -m experiments.http_client_cost`).
+Servers are SGLang's (uvicorn): bodies are chunked or sized, never ended by a close. `Transport` is the narrow surface
+`SGLangClient` needs; tests put an in-memory fake behind it (tests/unit/httpx_transport.py).
 
-Idle keep-alive connections expire before the backends' own idle timeout (uvicorn's 5 s in SGLang): a request sent
-on a connection the server has just closed fails, and on the P-route that once left the decode half waiting 300 s
-(../shared/gpu/NOTES.md). A stream the caller leaves after the server's last chunk is read to its end in the
-background, so its connection goes back to the pool instead of costing a new TCP handshake on the next request.
+Idle keep-alive connections expire before the backends' own idle timeout (uvicorn's 5 s in SGLang): a request sent on
+a connection the server has just closed fails, and on the P-route that once left the decode half waiting 300 s
+(../shared/gpu/NOTES.md). Should it happen anyway (a kept connection lost before any byte of the answer came), the
+request is sent once more on a new connection: the server never read it. A stream the caller leaves after the
+server's last chunk is read to its end in the background, so its connection goes back to the pool instead of costing
+a new TCP handshake on the next request; one left earlier is closed, which tells the server the client is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
+import time
+import urllib.parse
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-import aiohttp
+import httptools
 
 BACKEND_KEEPALIVE_EXPIRY_S = 2.0  # below SGLang's (uvicorn's) 5 s idle timeout
 DRAIN_AFTER_FINISH_S = 1.0  # how long a finished stream's tail ([DONE], chunk terminator) may take before we close
+MAX_IDLE_PER_SERVER = 64
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -53,10 +63,23 @@ class StreamBody(Protocol):
         ...
 
 
+class Exchange(Protocol):
+    """One request on its way: `async with` it for the response (a 200's body, else BackendError)."""
+
+    async def __aenter__(self) -> StreamBody: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    def close(self) -> None:
+        """Give up on the exchange if it was never entered or left unfinished (its connection is closed)."""
+        ...
+
+
 class Transport(Protocol):
-    def stream(self, url: str, path: str, body: bytes) -> AbstractAsyncContextManager[StreamBody]:
-        """POST `body` (JSON) to `url` + `path`; BackendError(connect / status / dropped, naming the server `url`)
-        unless the answer is a 200."""
+    def stream(self, url: str, path: str, body: bytes) -> Exchange:
+        """POST `body` (JSON) to `url` + `path`, sent from this call when the transport can (a kept-alive
+        connection at hand); entering the exchange gives the body of a 200, else BackendError(connect / status /
+        dropped, naming the server `url`)."""
         ...
 
     async def request(
@@ -68,110 +91,299 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _classify(url: str, err: BaseException) -> BackendError:
-    """aiohttp's failure before a response into ours: could it connect at all, or did the call die in flight."""
-    if isinstance(err, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return BackendError(url, f"cannot connect: {type(err).__name__}", connect=True)
-    return BackendError(url, f"request failed: {type(err).__name__}: {err}", dropped=True)
+class _Connection(asyncio.Protocol):
+    """One TCP connection to a server and the response being read on it (one request at a time, no pipelining)."""
 
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.lost = False
+        self.error: str | None = None
+        self.idle_since = 0.0
+        self.reset()
 
-class _AiohttpBody:
-    def __init__(self, url: str, response: aiohttp.ClientResponse, background: set[asyncio.Task]):
-        self.url = url
-        self.response = response
-        self._background = background
-        self.handed_off = False
-
-    async def reads(self) -> AsyncIterator[bytes]:
-        try:
-            async for data in self.response.content.iter_any():
-                yield data
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-            raise BackendError(self.url, f"stream broken: {type(err).__name__}: {err}", dropped=True) from err
-
-    def keep_alive_after(self) -> None:
-        if self.response.content.at_eof():
-            return
-        self.handed_off = True
-        task = asyncio.get_running_loop().create_task(self._drain())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _read_to_end(self) -> None:
-        while await self.response.content.readany():
-            pass
-
-    async def _drain(self) -> None:
-        try:
-            await asyncio.wait_for(self._read_to_end(), DRAIN_AFTER_FINISH_S)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            self.response.close()
-            return
-        except asyncio.CancelledError:
-            self.response.close()
-            raise
-        self.response.release()
-
-
-class AiohttpTransport:
-    def __init__(self, connect_timeout_s: float, max_connections: int):
-        self.connect_timeout_s = connect_timeout_s
-        self.max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        self._background: set[asyncio.Task] = set()
+    def reset(self) -> None:
+        self.status: int | None = None  # set once the response's headers are complete
+        self.complete = False
+        self.keep_alive = True
+        self.got_bytes = False
+        self.body: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        # created on first use, inside the running loop (aiohttp binds a session to its loop)
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.max_connections, keepalive_timeout=BACKEND_KEEPALIVE_EXPIRY_S, ttl_dns_cache=300
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                # read timeouts are enforced per token by the caller (first/inter-token)
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
-                auto_decompress=True,
-            )
-        return self._session
+    def reusable(self) -> bool:
+        return not self.lost and self.error is None and self.transport is not None and not self.transport.is_closing()
 
-    @asynccontextmanager
-    async def stream(self, url: str, path: str, body: bytes) -> AsyncIterator[StreamBody]:
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
         try:
-            response = await self.session.post(url + path, data=body, headers=JSON_HEADERS)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-            raise _classify(url, err) from err
-        wrapped = _AiohttpBody(url, response, self._background)
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as err:
+            self.error = f"malformed HTTP response: {err}"
+            self.close()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+
+    # httptools callbacks
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until the next bytes, the end of the response, or the end of the connection."""
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            if response.status != 200:
-                text = (await response.read()).decode(errors="replace")
-                raise BackendError(url, f"HTTP {response.status}: {text[:500]}", status=response.status)
-            yield wrapped
+            await self._waiter
         finally:
-            if wrapped.handed_off:
-                pass  # its drain task releases or closes it
-            elif response.content.at_eof():
-                response.release()  # read to the end: the connection goes back to the pool
-            else:
-                response.close()  # mid-stream: closing tells the server the client is gone
+            self._waiter = None
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Server:
+    """Where to connect for one base URL, and its idle kept-alive connections."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"backend URL must be http://host[:port]: {url!r}")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.host_header = parts.netloc.encode("latin-1")
+        self.idle: list[_Connection] = []
+
+    def head(self, method: str, path: str, body: bytes | None) -> bytes:
+        lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode(), self.host_header)]
+        if body is not None:
+            lines.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.reusable and now - conn.idle_since < BACKEND_KEEPALIVE_EXPIRY_S:
+                return conn
+            conn.close()
+        return None
+
+
+class _Exchange:
+    """A request written to a connection (or about to be, once connected) and its response."""
+
+    def __init__(self, net: Http11Transport, server: _Server, method: str, path: str, body: bytes | None):
+        self.net = net
+        self.server = server
+        self.request = server.head(method, path, body) + (body or b"")
+        self.conn: _Connection | None = server.take_idle()
+        self.reused = self.conn is not None
+        self.finished = False  # the connection went back to the pool or was closed
+        self.handed_off = False
+        self._connecting: asyncio.Task | None = None
+        if self.conn is not None:
+            self._send(self.conn)
+        else:  # connect now, not when entered: requests made in one turn still leave in that order
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    def _send(self, conn: _Connection) -> None:
+        conn.reset()
+        assert conn.transport is not None
+        conn.transport.write(self.request)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        s = self.server
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_Connection, s.host, s.port), self.net.connect_timeout_s
+            )
+        except (OSError, asyncio.TimeoutError) as err:
+            raise BackendError(s.url, f"cannot connect: {type(err).__name__}: {err}", connect=True) from None
+        return conn
+
+    async def response(self) -> _Connection:
+        """The connection once the response's headers are in (the request is sent first if it was not yet)."""
+        for attempt in range(2):
+            if self.conn is None:
+                connecting, self._connecting = self._connecting, None
+                self.conn = await (connecting if connecting is not None else self._connect())
+                self.reused = False
+                self._send(self.conn)
+            conn = self.conn
+            while conn.status is None and not conn.lost:
+                await conn.wait()
+            if conn.status is not None:
+                return conn
+            if self.reused and not conn.got_bytes and attempt == 0:
+                # a kept connection the server had closed: it never read the request, send it again
+                conn.close()
+                self.conn = None
+                continue
+            raise BackendError(self.server.url, conn.error or "connection closed before the response", dropped=True)
+        raise AssertionError("unreachable")
+
+    async def read_all(self) -> bytes:
+        conn = await self.response()
+        while not conn.complete:
+            if conn.lost:
+                raise BackendError(self.server.url, conn.error or "connection closed mid-response", dropped=True)
+            await conn.wait()
+        data = b"".join(conn.body)
+        conn.body.clear()
+        self.release()
+        return data
+
+    def release(self) -> None:
+        """Back to the pool if the response was read to its end on a connection that stays open; else closed."""
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.conn
+        if conn is None:
+            return
+        if conn.complete and conn.keep_alive and conn.reusable and len(self.server.idle) < MAX_IDLE_PER_SERVER:
+            conn.idle_since = time.monotonic()
+            self.server.idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        if not self.finished and not self.handed_off:
+            self.finished = True
+            if self.conn is not None:
+                self.conn.close()
+            if self._connecting is not None:
+                self._connecting.cancel()
+                self._connecting.add_done_callback(_close_connected)
+
+    # the StreamBody of a 200
+    async def reads(self) -> AsyncIterator[bytes]:
+        conn = self.conn
+        assert conn is not None
+        while True:
+            if conn.body:
+                data = b"".join(conn.body) if len(conn.body) > 1 else conn.body[0]
+                conn.body.clear()
+                yield data
+                continue
+            if conn.complete:
+                return
+            if conn.lost:
+                raise BackendError(self.server.url, conn.error or "stream broken: connection lost", dropped=True)
+            await conn.wait()
+
+    def keep_alive_after(self) -> None:
+        conn = self.conn
+        if conn is None or conn.complete:
+            return
+        self.handed_off = True
+        self.net.background(self._drain(conn))
+
+    async def _drain(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_AFTER_FINISH_S
+        try:
+            while not conn.complete and not conn.lost and loop.time() < deadline:
+                conn.body.clear()
+                await asyncio.wait_for(conn.wait(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            conn.body.clear()
+            self.handed_off = False
+            self.finished = False
+            self.release()
+
+    # async context manager: the 200's body, or BackendError
+    async def __aenter__(self) -> _Exchange:
+        try:
+            conn = await self.response()
+            if conn.status != 200:
+                text = (await self.read_all()).decode(errors="replace")
+                raise BackendError(self.server.url, f"HTTP {conn.status}: {text[:500]}", status=conn.status)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.handed_off:
+            return  # its drain releases or closes the connection
+        conn = self.conn
+        if conn is not None and conn.complete:
+            self.release()
+        else:
+            self.close()  # mid-stream: closing tells the server the client is gone
+
+
+def _close_connected(task: asyncio.Task) -> None:
+    """A connect given up on: close the connection if it was made all the same."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+class Http11Transport:
+    def __init__(self, connect_timeout_s: float):
+        self.connect_timeout_s = connect_timeout_s
+        self._servers: dict[str, _Server] = {}
+        self._background: set[asyncio.Task] = set()
+
+    def _server(self, url: str) -> _Server:
+        server = self._servers.get(url)
+        if server is None:
+            server = self._servers[url] = _Server(url)
+        return server
+
+    def stream(self, url: str, path: str, body: bytes) -> _Exchange:
+        return _Exchange(self, self._server(url), "POST", path, body)
 
     async def request(
         self, method: str, url: str, path: str, body: bytes | None = None, timeout_s: float | None = None
     ) -> tuple[int, bytes]:
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout_s)
-        headers = JSON_HEADERS if body is not None else None
+        exchange = _Exchange(self, self._server(url), method, path, body)
         try:
-            async with self.session.request(method, url + path, data=body, headers=headers, timeout=timeout) as resp:
-                return resp.status, await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-            raise _classify(url, err) from err
+            conn = await asyncio.wait_for(exchange.response(), timeout_s)
+            data = await asyncio.wait_for(exchange.read_all(), timeout_s)
+        except asyncio.TimeoutError:
+            raise BackendError(url, f"no answer within {timeout_s:g} s", dropped=True) from None
+        finally:
+            exchange.close()
+        return conn.status or 0, data
+
+    def background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._session is not None:
-            with contextlib.suppress(Exception):
-                await self._session.close()
-            self._session = None
+        for server in self._servers.values():
+            for conn in server.idle:
+                conn.close()
+            server.idle.clear()

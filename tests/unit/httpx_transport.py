@@ -1,10 +1,11 @@
 """`ppd.sglang.transport.Transport` over an httpx transport, so router tests can put in-memory fake servers
-(`httpx.MockTransport`) behind the router. Failures map as the real (aiohttp) transport maps them: cannot connect ->
-BackendError(connect=True); broken after sending, or mid-stream -> BackendError(dropped=True)."""
+(`httpx.MockTransport`) behind the router. As the real transport, a stream's request is on its way from the
+`stream()` call (here: a task started then), and failures map the same: cannot connect -> BackendError(connect=True);
+broken after sending, or mid-stream -> BackendError(dropped=True)."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -33,24 +34,41 @@ def _failure(url: str, err: httpx.HTTPError) -> BackendError:
     return BackendError(url, f"request failed: {type(err).__name__}: {err}", dropped=True)
 
 
+class _Exchange:
+    def __init__(self, http: httpx.AsyncClient, url: str, path: str, body: bytes):
+        self.url = url
+        request = http.build_request("POST", url + path, content=body, headers=JSON_HEADERS)
+        self._sending = asyncio.get_running_loop().create_task(http.send(request, stream=True))
+        self._response: httpx.Response | None = None
+
+    async def __aenter__(self) -> _Body:
+        try:
+            self._response = response = await self._sending
+        except httpx.HTTPError as err:
+            raise _failure(self.url, err) from err
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            await response.aclose()
+            raise BackendError(self.url, f"HTTP {response.status_code}: {text[:500]}", status=response.status_code)
+        return _Body(self.url, response)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+
+    def close(self) -> None:
+        if not self._sending.done():
+            self._sending.cancel()
+        elif not self._sending.cancelled() and self._sending.exception() is None and self._response is None:
+            asyncio.get_running_loop().create_task(self._sending.result().aclose())
+
+
 class HttpxTransport:
     def __init__(self, inner: httpx.AsyncBaseTransport):
         self.http = httpx.AsyncClient(transport=inner)
 
-    @contextlib.asynccontextmanager
-    async def stream(self, url: str, path: str, body: bytes) -> AsyncIterator[_Body]:
-        try:
-            request = self.http.build_request("POST", url + path, content=body, headers=JSON_HEADERS)
-            response = await self.http.send(request, stream=True)
-        except httpx.HTTPError as err:
-            raise _failure(url, err) from err
-        try:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                raise BackendError(url, f"HTTP {response.status_code}: {text[:500]}", status=response.status_code)
-            yield _Body(url, response)
-        finally:
-            await response.aclose()
+    def stream(self, url: str, path: str, body: bytes) -> _Exchange:
+        return _Exchange(self.http, url, path, body)
 
     async def request(
         self, method: str, url: str, path: str, body: bytes | None = None, timeout_s: float | None = None

@@ -114,16 +114,15 @@ async def test_p_route_sends_the_same_body_to_prefill_and_decode():
     assert p_body["input_ids"] == ChatTokenizer.load().encode_chat(CHAT["messages"])  # the chat template's ids
 
 
-async def test_p_route_sends_the_decode_half_first():
-    """SGLang's prefill server waits for the decode server's KV reservation before it computes: the decode half's
-    request goes out before the prefill half's."""
+async def test_p_route_sends_both_halves_prefill_first():
+    """Both halves leave in one event-loop turn, the prefill's first (as sglang-router sends them)."""
     cfg, cluster = make_config("prefill")
     async with running_router(cfg, cluster) as (_, client):
         for _ in range(3):
             r = await client.post("/v1/completions", json={"model": "llama-3-8b", "prompt": [5, 6, 7], "max_tokens": 2})
             assert r.status_code == 200 and r.headers["x-ppd-route"] == "prefill"
     generates = [url for url, path in cluster.arrivals if path == "/generate"]
-    assert generates == [D_URL, P_URL] * 3
+    assert generates == [P_URL, D_URL] * 3
 
 
 async def test_d_route_goes_to_decode_only_as_local_append():
