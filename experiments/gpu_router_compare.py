@@ -234,6 +234,8 @@ async def run(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "identity": identity,
         "ttft": rows,
+        # every timed round, in order (None: the request failed): lets runs be pooled and re-analysed
+        "rounds": {f"{name}@{n}": ttft.get((name, n), []) for n in args.lengths for name, _ in routers},
         "versions": G.versions(),
     }
 

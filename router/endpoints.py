@@ -4,11 +4,11 @@ The request path: read the body -> orjson -> the pydantic request model -> check
 `Router.plan` (router/routing.py: servers + the policy's route) -> `RouteCall` (router/pd.py: /generate on the
 servers) -> first token -> the answer, sent as ASGI messages (one JSON body, or SSE events).
 
-Why not FastAPI routes: on the path to the first token, FastAPI's middleware, routing, dependency solving and
-Starlette's StreamingResponse (a task group per stream) cost about as much CPU as everything the router itself does
-there (results/router-overhead/README.md, "Session 4"); a router that is to be as fast as sglang-router's Rust one
-cannot carry them. Everything else (/v1/models, /health, /metrics, ...) stays on FastAPI (router/app.py), whose app
-hands these two paths to `serve`. Errors keep FastAPI's OpenAI shape (router/errors.py).
+Why not FastAPI routes: FastAPI's middleware, routing and dependency solving, and Starlette's StreamingResponse (a
+task group per stream), sit on the path to the first token, on the way in and out; served directly, a request meets
+none of them (the router's TTFT against sglang-router's Rust router, before and after: results/h200x2/session4/).
+Everything else (/v1/models, /health, /metrics, ...) stays on FastAPI (router/app.py), whose app hands these two paths
+to `serve`. Errors keep the OpenAI shape (router/errors.py).
 
 A request whose first attempt fails before any token reached the client is planned once more: without a server it
 could not connect to, or, when the prefill half of a P-route failed after it was sent, by the D-route

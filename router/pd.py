@@ -210,9 +210,8 @@ class RouteCall:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 # Both halves of a P-route leave in this event-loop turn, the prefill's first, as sglang-router sends
-                # them: the prefill server holds its half until the decode server has reserved KV for it, and the
-                # first token waits for whichever arrives last (on 2 x H200, sending one from a task after the other
-                # cost ~1 ms of TTFT: results/h200x2/README.md, "Session 4").
+                # them: the prefill server holds its half until the decode server has reserved KV for it, so the
+                # first token waits for whichever arrives last.
                 if self.plan.route is Route.PREFILL:
                     assert self.plan.prefill is not None
                     prefill_stream = self.client.generate_batches(self.plan.prefill.url, self.payload)

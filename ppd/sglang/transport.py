@@ -2,12 +2,11 @@
 
 A small client of our own, on asyncio's protocol API with httptools (llhttp, the C parser uvicorn uses) reading the
 responses, because the P-route's time to first token runs through it twice:
+- it costs a fraction of aiohttp's CPU per call (`python -m experiments.http_client_cost`: 27 vs 121 us per streamed
+  call on the 2-core CPU box, httpx 958 us; results/router-overhead/http_client_cost.json);
 - a request is written to the socket in the caller's own event-loop turn, when `stream()` is called (on a kept-alive
-  connection): the P-route's two halves leave back to back, as sglang-router's Rust router sends them. With aiohttp
-  each request went out from a task of its own, one after the other; on 2 x H200 the prefill server saw its half
-  ~1 ms after the decode server saw its own, and the first token came that much later (results/h200x2/README.md,
-  "Session 4");
-- it costs a fraction of aiohttp's CPU per call (`python -m experiments.http_client_cost`).
+  connection; a new connection is opened from that call too): the P-route's two halves leave back to back, as
+  sglang-router's Rust router sends them, instead of each from a task of its own, one after the other.
 Servers are SGLang's (uvicorn): bodies are chunked or sized, never ended by a close. `Transport` is the narrow surface
 `SGLangClient` needs; tests put an in-memory fake behind it (tests/unit/httpx_transport.py).
 
@@ -229,7 +228,13 @@ class _Exchange:
         for attempt in range(2):
             if self.conn is None:
                 connecting, self._connecting = self._connecting, None
-                self.conn = await (connecting if connecting is not None else self._connect())
+                if connecting is None:
+                    connecting = asyncio.ensure_future(self._connect())
+                try:
+                    self.conn = await connecting
+                except asyncio.CancelledError:
+                    connecting.add_done_callback(_close_connected)  # made all the same: nobody will use it
+                    raise
                 self.reused = False
                 self._send(self.conn)
             conn = self.conn

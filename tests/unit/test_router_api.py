@@ -193,6 +193,15 @@ async def test_malformed_json_and_bad_prompts(api):
     assert_openai_error(r, 400, "unknown_policy", "x-ppd-policy")
     r = await client.get("/v1/nothing-here")
     assert_openai_error(r, 404)
+    r = await client.get("/v1/completions")  # the generation endpoints take POST only
+    assert_openai_error(r, 405)
+    assert r.headers["allow"] == "POST"
+    r = await client.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, "invalid_value")  # JSON, but not an object
+    r = await client.post("/v1/chat/completions", content=b"")
+    assert_openai_error(r, 400, "invalid_json")
+    metrics = (await client.get("/metrics")).text
+    assert 'ppd_requests_total{endpoint="completions",outcome="bad_request",route="none"}' in metrics
 
 
 async def test_side_endpoints(api):

@@ -1,0 +1,159 @@
+"""A closer look at a `gpu_router_compare` run: paired differences with confidence intervals, and the servers' side.
+
+    python -m experiments.router_compare_stats paired --json results/h200x2/session4/router_compare.json
+    python -m experiments.router_compare_stats servers --logs run/logs --reps 61 \
+        --routers ours,ours-before,sglang-router,mini-lb
+
+`paired`: from the run's per-round TTFTs (`rounds`), ours minus each other router, round by round (the rotation puts
+every router in every position alike): median, a 95 % bootstrap interval of the median, mean, and in how many rounds
+ours was faster.
+
+`servers`: SGLang's per-request `Req Time Stats` lines (`--enable-request-time-stats-logging`) of the prefill and
+the decode server, joined by bootstrap room. The timed requests of each length are the last `reps x routers` rooms
+of that input length, in the run's rotation order (round r starts with router r mod k), which assigns each to its
+router; our router sends the same rid to both servers, the others do not, which checks the assignment. Per router
+and length, medians of: the prefill's wait for the decode server's handshake (`bootstrap`), its queue and forward
+times, the decode server's pre-allocation and its wait for the KV (`transfer`), and `skew_ms`: how much longer the
+decode side took from its own arrival to the KV than the prefill side from its arrival to its end, i.e. about how
+much later than the decode half the prefill half reached its server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+_STATS = re.compile(
+    r"Req Time Stats\(rid=(\S+), bootstrap_room=(\d+), input len=(\d+), output len=\d+, type=(\w+)\): (.*)"
+)
+_FIELD = re.compile(r"(\w+)(?:=|\()([\d.]+)")
+
+
+def paired(doc: dict, seed: int = 0, resamples: int = 2000) -> list[dict]:
+    rounds = doc["rounds"]
+    names = sorted({k.split("@")[0] for k in rounds}, key=lambda n: (n != "ours", n))
+    lengths = sorted({int(k.split("@")[1]) for k in rounds})
+    rng = random.Random(seed)
+    rows = []
+    for n in lengths:
+        for ref in names[1:]:
+            diffs = [
+                a - b
+                for a, b in zip(rounds[f"ours@{n}"], rounds[f"{ref}@{n}"], strict=True)
+                if a is not None and b is not None
+            ]
+            meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+            rows.append(
+                {
+                    "prompt_tokens": n,
+                    "ours_minus": ref,
+                    "rounds": len(diffs),
+                    "paired_median_ms": round(statistics.median(diffs), 2),
+                    "ci95_low_ms": round(meds[int(0.025 * resamples)], 2),
+                    "ci95_high_ms": round(meds[int(0.975 * resamples) - 1], 2),
+                    "mean_ms": round(statistics.fmean(diffs), 2),
+                    "ours_faster_rounds": sum(d < 0 for d in diffs),
+                }
+            )
+    return rows
+
+
+def _parse(path: Path) -> dict[str, dict]:
+    out = {}
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    for line in raw.decode(errors="replace").splitlines():
+        m = _STATS.search(line)
+        if m is None or m.group(1).startswith("HEALTH_CHECK"):
+            continue
+        rid, room, n, _typ, rest = m.groups()
+        out[room] = {"rid": rid, "n": int(n), **{k: float(v) for k, v in _FIELD.findall(rest)}}
+    return out
+
+
+def servers(logs: Path, reps: int, routers: list[str]) -> list[dict]:
+    prefill = _parse(sorted(logs.glob("prefill-0.*.log*"))[0])
+    decode = _parse(sorted(logs.glob("decode-0.*.log*"))[0])
+    rooms = sorted((r for r in prefill if r in decode), key=lambda r: prefill[r]["start"])
+    rows = []
+    for n in sorted({prefill[r]["n"] for r in rooms}):
+        timed = [r for r in rooms if prefill[r]["n"] == n][-reps * len(routers) :]
+        if len(timed) < reps * len(routers):
+            continue  # not a timed length (warm-up requests)
+        by: dict[str, list[str]] = defaultdict(list)
+        for i, room in enumerate(timed):
+            rnd, pos = divmod(i, len(routers))
+            k = rnd % len(routers)
+            by[(routers[k:] + routers[:k])[pos]].append(room)
+        for name in routers:
+            xs = by[name]
+
+            def med(f, xs=xs) -> float:
+                return round(statistics.median(f(r) for r in xs), 2)
+
+            rows.append(
+                {
+                    "prompt_tokens": n,
+                    "router": name,
+                    "requests": len(xs),
+                    "same_rid_both_servers": sum(prefill[r]["rid"] == decode[r]["rid"] for r in xs),
+                    "prefill_bootstrap_ms": med(lambda r: prefill[r]["bootstrap"]),
+                    "prefill_queue_ms": med(lambda r: prefill[r]["queue_duration"]),
+                    "prefill_forward_ms": med(lambda r: prefill[r]["forward_duration"]),
+                    "decode_prealloc_ms": med(lambda r: decode[r]["prealloc_queue_duration"]),
+                    "decode_transfer_ms": med(lambda r: decode[r]["transfer_duration"]),
+                    "skew_ms": med(
+                        lambda r: (
+                            decode[r]["prealloc_queue_duration"]
+                            + decode[r]["transfer_duration"]
+                            - prefill[r]["bootstrap_queue_duration"]
+                            - prefill[r]["queue_duration"]
+                            - prefill[r]["forward_duration"]
+                        )
+                    ),
+                }
+            )
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    if not rows:
+        print("nothing found")
+        return
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("paired", help="ours minus each router, round by round, with a bootstrap interval")
+    a.add_argument("--json", required=True, help="a gpu_router_compare output that has `rounds`")
+    a.add_argument("--out", help="also write the rows here (JSON)")
+    b = sub.add_parser("servers", help="the servers' per-request timings, by router")
+    b.add_argument("--logs", required=True, help="the directory with prefill-0.*.log and decode-0.*.log (or .log.gz)")
+    b.add_argument("--reps", type=int, required=True, help="the run's --reps")
+    b.add_argument("--routers", default="ours,ours-before,sglang-router,mini-lb", help="the run's router order")
+    b.add_argument("--out", help="also write the rows here (JSON)")
+    args = p.parse_args(argv)
+    if args.what == "paired":
+        rows = paired(json.loads(Path(args.json).read_text()))
+    else:
+        rows = servers(Path(args.logs), args.reps, args.routers.split(","))
+    _print(rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""experiments.router_compare_stats: rooms are assigned to routers by the compare run's rotation, and the paired
+statistics are computed round by round."""
+
+from __future__ import annotations
+
+import gzip
+
+from experiments.router_compare_stats import paired, servers
+
+ROUTERS = ["ours", "ref"]
+
+
+def _line(room: int, typ: str, rid: str, start: float, n: int = 512, **f: float) -> str:
+    if typ == "prefill":
+        rest = (
+            f"bootstrap_queue_duration({f['bq']:.2f}ms) = bootstrap({f['bq']:.2f}ms) + alloc_wait(0.00ms); "
+            f"queue_duration={f['q']:.2f}ms, forward_duration={f['fwd']:.2f}ms, start={start:.3f}"
+        )
+    else:
+        rest = (
+            f"prealloc_queue_duration({f['pre']:.2f}ms) = bootstrap(0.10ms) + alloc_wait(0.00ms); "
+            f"transfer_duration={f['xfer']:.2f}ms; queue_duration=0.10ms, forward_duration=9.00ms, start={start:.3f}"
+        )
+    return (
+        f"[2026-11-26 23:25:26] Req Time Stats(rid={rid}, bootstrap_room={room}, input len={n}, output len=1, "
+        f"type={typ}): {rest}"
+    )
+
+
+def test_servers_assigns_rooms_by_rotation(tmp_path):
+    # 2 rounds x 2 routers; round 0: ours, ref; round 1: ref, ours. Ours sends one rid to both servers.
+    order = ["ours", "ref", "ref", "ours"]
+    p_lines, d_lines = [], []
+    for i, who in enumerate(order):
+        late_ms = 1.0 if who == "ours" else 0.0  # ours' prefill half arrives 1 ms after its decode half
+        rid_p, rid_d = (f"r{i}", f"r{i}") if who == "ours" else (f"p{i}", f"d{i}")
+        p_lines.append(_line(100 + i, "prefill", rid_p, start=10.0 + i, bq=1.0, q=0.2, fwd=20.0))
+        d_lines.append(_line(100 + i, "decode", rid_d, start=10.0 + i, pre=0.5, xfer=20.7 + late_ms))
+    p_lines.append(_line(999, "prefill", "HEALTH_CHECK_1", start=50.0, bq=1, q=1, fwd=1))
+    (tmp_path / "prefill-0.0.log.gz").write_bytes(gzip.compress("\n".join(p_lines).encode()))
+    (tmp_path / "decode-0.0.log").write_text("\n".join(d_lines))
+    rows = {r["router"]: r for r in servers(tmp_path, reps=2, routers=ROUTERS)}
+    assert rows["ours"]["same_rid_both_servers"] == 2 and rows["ref"]["same_rid_both_servers"] == 0
+    assert rows["ours"]["skew_ms"] == 1.0 and rows["ref"]["skew_ms"] == 0.0
+
+
+def test_paired_differences_round_by_round():
+    doc = {"rounds": {"ours@512": [10.0, 12.0, None, 11.0], "ref@512": [11.0, 11.0, 9.0, 13.0]}}
+    (row,) = paired(doc, resamples=200)
+    assert row["rounds"] == 3 and row["ours_minus"] == "ref"
+    assert row["paired_median_ms"] == -1.0 and row["ours_faster_rounds"] == 2
+    assert row["ci95_low_ms"] <= -1.0 <= row["ci95_high_ms"]
