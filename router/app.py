@@ -85,7 +85,8 @@ def create_app(cfg: StackConfig, transport: Transport | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         r = cfg.router
         metrics = RouterMetrics()
-        net = transport or Http11Transport(r.connect_timeout_s)
+        # as many kept connections per server as requests the router lets run there at once
+        net = transport or Http11Transport(r.connect_timeout_s, max_idle_per_server=r.max_inflight_per_backend)
         client = SGLangClient(net)
         pool = BackendPool(cfg, client, metrics)
         state = RouterState(

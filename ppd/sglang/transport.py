@@ -31,7 +31,6 @@ import httptools
 
 BACKEND_KEEPALIVE_EXPIRY_S = 2.0  # below SGLang's (uvicorn's) 5 s idle timeout
 DRAIN_AFTER_FINISH_S = 1.0  # how long a finished stream's tail ([DONE], chunk terminator) may take before we close
-MAX_IDLE_PER_SERVER = 64
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -269,7 +268,7 @@ class _Exchange:
         conn = self.conn
         if conn is None:
             return
-        if conn.complete and conn.keep_alive and conn.reusable and len(self.server.idle) < MAX_IDLE_PER_SERVER:
+        if conn.complete and conn.keep_alive and conn.reusable and len(self.server.idle) < self.net.max_idle_per_server:
             conn.idle_since = time.monotonic()
             self.server.idle.append(conn)
         else:
@@ -351,8 +350,9 @@ def _close_connected(task: asyncio.Task) -> None:
 
 
 class Http11Transport:
-    def __init__(self, connect_timeout_s: float):
+    def __init__(self, connect_timeout_s: float, max_idle_per_server: int = 256):
         self.connect_timeout_s = connect_timeout_s
+        self.max_idle_per_server = max_idle_per_server  # kept-alive connections kept per server
         self._servers: dict[str, _Server] = {}
         self._background: set[asyncio.Task] = set()
 
