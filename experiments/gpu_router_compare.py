@@ -15,7 +15,9 @@ are drawn below the router tokenizer's vocabulary size (it refuses others), whic
    decode to nothing, so the text comparison is the weaker one and is labelled as such).
 2. TTFT: fresh prompts (nothing cached) of each length; every router first gets `--warmup` untimed requests of that
    length, then `--reps` rounds in which each router serves one request, the order rotating round by round (with
-   ours + 2 references and 9 reps every router is first, second and third three times). Per length: p50 and mean
+   ours + 2 references and 9 reps every router is first, second and third three times; but each router then always
+   follows the same one, so whatever a request leaves behind on the servers always lands on the same next router),
+   or with `--order shuffle` drawn anew each round (kept in `orders`). Per length: p50 and mean
    TTFT and E2E of each router and ours minus each reference (difference of p50s, of means, and the median of the
    per-round paired differences, which cancels slow drifts of the servers).
 """
@@ -211,14 +213,21 @@ async def run(args: argparse.Namespace) -> dict:
 
         # per (router, length): the TTFT/E2E of each round (None where the request failed)
         ttft: dict[tuple[str, int], list[float | None]] = {}
+        orders: dict[int, list[list[str]]] = {}  # per length, each round's order
+        order_rng = random.Random(args.seed + 1)
         e2e: dict[tuple[str, int], list[float | None]] = {}
         for n in args.lengths:
             for _ in range(args.warmup):
                 for name, url in routers:
                     await one(name, url, n)
             for rep in range(args.reps):
-                k = rep % len(routers)
-                for name, url in routers[k:] + routers[:k]:  # rotate: every router in every position alike
+                if args.order == "shuffle":  # every router after every other one alike, in expectation
+                    order = order_rng.sample(routers, len(routers))
+                else:  # rotate: every router in every position alike, but always after the same one
+                    k = rep % len(routers)
+                    order = routers[k:] + routers[:k]
+                orders.setdefault(n, []).append([name for name, _ in order])
+                for name, url in order:
                     res = await one(name, url, n)
                     ok = res["ttft_ms"] is not None and not res["error"]
                     ttft.setdefault((name, n), []).append(res["ttft_ms"] if ok else None)
@@ -236,6 +245,8 @@ async def run(args: argparse.Namespace) -> dict:
         "ttft": rows,
         # every timed round, in order (None: the request failed): lets runs be pooled and re-analysed
         "rounds": {f"{name}@{n}": ttft.get((name, n), []) for n in args.lengths for name, _ in routers},
+        "order": args.order,
+        "orders": {str(n): o for n, o in orders.items()},
         "versions": G.versions(),
     }
 
@@ -254,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 8192])
     p.add_argument("--reps", type=int, default=9, help="timed rounds per length (each router once per round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed requests per router and length first")
+    p.add_argument(
+        "--order",
+        choices=["rotate", "shuffle"],
+        default="rotate",
+        help="each round's router order: rotated (a fixed cycle: each router always follows the same one) or shuffled",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--out", required=True)

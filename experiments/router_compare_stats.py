@@ -10,8 +10,8 @@ ours was faster.
 
 `servers`: SGLang's per-request `Req Time Stats` lines (`--enable-request-time-stats-logging`) of the prefill and
 the decode server, joined by bootstrap room. The timed requests of each length are the last `reps x routers` rooms
-of that input length, in the run's rotation order (round r starts with router r mod k), which assigns each to its
-router; our router sends the same rid to both servers, the others do not, which checks the assignment. Per router
+of that input length, in the run's rotation order (round r starts with router r mod k) or, given the run's JSON,
+in the orders it drew (`--order shuffle`), which assigns each to its router; our router sends the same rid to both servers, the others do not, which checks the assignment. Per router
 and length, medians of: the prefill's wait for the decode server's handshake (`bootstrap`), its queue and forward
 times, the decode server's pre-allocation and its wait for the KV (`transfer`), and `skew_ms`: how much longer the
 decode side took from its own arrival to the KV than the prefill side from its arrival to its end, i.e. about how
@@ -77,7 +77,7 @@ def _parse(path: Path) -> dict[str, dict]:
     return out
 
 
-def servers(logs: Path, reps: int, routers: list[str]) -> list[dict]:
+def servers(logs: Path, reps: int, routers: list[str], orders: dict[str, list[list[str]]] | None = None) -> list[dict]:
     prefill = _parse(sorted(logs.glob("prefill-0.*.log*"))[0])
     decode = _parse(sorted(logs.glob("decode-0.*.log*"))[0])
     rooms = sorted((r for r in prefill if r in decode), key=lambda r: prefill[r]["start"])
@@ -89,8 +89,11 @@ def servers(logs: Path, reps: int, routers: list[str]) -> list[dict]:
         by: dict[str, list[str]] = defaultdict(list)
         for i, room in enumerate(timed):
             rnd, pos = divmod(i, len(routers))
-            k = rnd % len(routers)
-            by[(routers[k:] + routers[:k])[pos]].append(room)
+            if orders and str(n) in orders:  # the run's own orders (`--order shuffle`)
+                by[orders[str(n)][rnd][pos]].append(room)
+            else:
+                k = rnd % len(routers)
+                by[(routers[k:] + routers[:k])[pos]].append(room)
         for name in routers:
             xs = by[name]
 
@@ -143,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--logs", required=True, help="the directory with prefill-0.*.log and decode-0.*.log (or .log.gz)")
     b.add_argument("--reps", type=int, required=True, help="the run's --reps")
     b.add_argument("--routers", default="ours,ours-before,sglang-router,mini-lb", help="the run's router order")
+    b.add_argument("--json", help="the run's output: its per-round orders, when it shuffled them")
     b.add_argument("--out", help="also write the rows here (JSON)")
     args = p.parse_args(argv)
     if args.what == "paired":
         rows = paired(json.loads(Path(args.json).read_text()))
     else:
-        rows = servers(Path(args.logs), args.reps, args.routers.split(","))
+        orders = json.loads(Path(args.json).read_text()).get("orders") if args.json else None
+        rows = servers(Path(args.logs), args.reps, args.routers.split(","), orders)
     _print(rows)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
