@@ -82,7 +82,10 @@ def servers(logs: Path, reps: int, routers: list[str], orders: dict[str, list[li
     decode = _parse(sorted(logs.glob("decode-0.*.log*"))[0])
     rooms = sorted((r for r in prefill if r in decode), key=lambda r: prefill[r]["start"])
     rows = []
-    for n in sorted({prefill[r]["n"] for r in rooms}):
+    lengths = sorted({prefill[r]["n"] for r in rooms})
+    if orders:  # the run's own lengths only (the servers' logs may hold earlier runs)
+        lengths = [n for n in lengths if str(n) in orders]
+    for n in lengths:
         timed = [r for r in rooms if prefill[r]["n"] == n][-reps * len(routers) :]
         if len(timed) < reps * len(routers):
             continue  # not a timed length (warm-up requests)

@@ -50,3 +50,24 @@ def test_paired_differences_round_by_round():
     assert row["rounds"] == 3 and row["ours_minus"] == "ref"
     assert row["paired_median_ms"] == -1.0 and row["ours_faster_rounds"] == 2
     assert row["ci95_low_ms"] <= -1.0 <= row["ci95_high_ms"]
+
+
+def test_servers_follows_the_runs_own_orders(tmp_path):
+    """A shuffled run's JSON names each round's order; lengths the run did not time (an earlier run's, still in the
+    servers' logs) are left out."""
+    orders = {"512": [["ref", "ours"], ["ours", "ref"]]}
+    p_lines, d_lines = [], []
+    for i in range(3):  # an earlier run's request at another length
+        p_lines.append(_line(50 + i, "prefill", f"x{i}", start=1.0 + i, n=2048, bq=1, q=0.2, fwd=20))
+        d_lines.append(_line(50 + i, "decode", f"y{i}", start=1.0 + i, n=2048, pre=0.5, xfer=20))
+    for i, who in enumerate(["ref", "ours", "ours", "ref"]):
+        late_ms = 2.0 if who == "ours" else 0.0
+        rid_p, rid_d = (f"r{i}", f"r{i}") if who == "ours" else (f"p{i}", f"d{i}")
+        p_lines.append(_line(100 + i, "prefill", rid_p, start=10.0 + i, bq=1.0, q=0.2, fwd=20.0))
+        d_lines.append(_line(100 + i, "decode", rid_d, start=10.0 + i, pre=0.5, xfer=20.7 + late_ms))
+    (tmp_path / "prefill-0.0.log").write_text("\n".join(p_lines))
+    (tmp_path / "decode-0.0.log").write_text("\n".join(d_lines))
+    rows = servers(tmp_path, reps=2, routers=ROUTERS, orders=orders)
+    assert {r["prompt_tokens"] for r in rows} == {512}
+    by = {r["router"]: r for r in rows}
+    assert by["ours"]["same_rid_both_servers"] == 2 and by["ours"]["skew_ms"] == 2.0 and by["ref"]["skew_ms"] == 0.0
