@@ -249,16 +249,18 @@ class _Exchange:
             raise BackendError(self.server.url, conn.error or "connection closed before the response", dropped=True)
         raise AssertionError("unreachable")
 
-    async def read_all(self) -> bytes:
+    async def read_all(self) -> tuple[int, bytes]:
+        """(status, body) of the whole response; the connection goes back to the pool (where the next exchange may
+        take it at once: nothing of it is read after)."""
         conn = await self.response()
         while not conn.complete:
             if conn.lost:
                 raise BackendError(self.server.url, conn.error or "connection closed mid-response", dropped=True)
             await conn.wait()
-        data = b"".join(conn.body)
+        status, data = conn.status or 0, b"".join(conn.body)
         conn.body.clear()
         self.release()
-        return data
+        return status, data
 
     def release(self) -> None:
         """Back to the pool if the response was read to its end on a connection that stays open; else closed."""
@@ -326,8 +328,9 @@ class _Exchange:
         try:
             conn = await self.response()
             if conn.status != 200:
-                text = (await self.read_all()).decode(errors="replace")
-                raise BackendError(self.server.url, f"HTTP {conn.status}: {text[:500]}", status=conn.status)
+                status, data = await self.read_all()
+                text = data.decode(errors="replace")
+                raise BackendError(self.server.url, f"HTTP {status}: {text[:500]}", status=status)
         except BaseException:
             self.close()
             raise
@@ -370,13 +373,11 @@ class Http11Transport:
     ) -> tuple[int, bytes]:
         exchange = _Exchange(self, self._server(url), method, path, body)
         try:
-            conn = await asyncio.wait_for(exchange.response(), timeout_s)
-            data = await asyncio.wait_for(exchange.read_all(), timeout_s)
+            return await asyncio.wait_for(exchange.read_all(), timeout_s)
         except asyncio.TimeoutError:
             raise BackendError(url, f"no answer within {timeout_s:g} s", dropped=True) from None
         finally:
             exchange.close()
-        return conn.status or 0, data
 
     def background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

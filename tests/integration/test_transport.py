@@ -185,3 +185,40 @@ async def test_refusal_is_a_status_error_and_small_calls_work():
     finally:
         await net.aclose()
         srv.close()
+
+
+async def test_concurrent_small_calls_each_get_their_own_status():
+    """Many small calls at once over kept connections: a connection handed back to the pool may serve the next call
+    at once, so each call's status and body are its own (a health check once read another call's reset status)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1]
+                body = b"ok:" + path
+                await asyncio.sleep(0.001)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = free_port()
+    srv = await asyncio.start_server(handle, "127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    net = Http11Transport(connect_timeout_s=2.0)
+    try:
+
+        async def worker(i: int) -> list[bool]:  # one call after another, as a health loop makes them
+            return [
+                await net.request("GET", url, f"/w{i}/{k}", timeout_s=5.0) == (200, f"ok:/w{i}/{k}".encode())
+                for k in range(20)
+            ]
+
+        results = await asyncio.gather(*(worker(i) for i in range(16)))
+        assert all(all(r) for r in results)
+    finally:
+        await net.aclose()
+        srv.close()
