@@ -50,7 +50,7 @@ _DECODE_BATCH_RE = re.compile(
     r"#prealloc-req: (\d+), #transfer-req: (\d+), #retracted-req: (\d+).*#queue-req: (\d+)"
 )
 _REQ_RE = re.compile(
-    r"rid=(\w+), bootstrap_room=\d+, input len=(\d+), output len=(\d+), type=(\w+)\): (.*)start=([\d.]+)"
+    r"rid=(\w+), bootstrap_room=(\d+), input len=(\d+), output len=(\d+), type=(\w+)\): (.*)start=([\d.]+)"
 )
 _DUR_RE = re.compile(r"(\w+)[=(]([\d.]+)ms")
 _XFER_RE = re.compile(r"transfer_speed=([\d.]+)GB/s, transfer_total=([\d.]+)MB")
@@ -125,6 +125,7 @@ class ReqStats:
     ms: dict[str, float] = field(default_factory=dict)
     transfer_gib_s: float | None = None
     transfer_mib: float | None = None
+    room: int = 0  # bootstrap_room: the same on the prefill and the decode server for one PD request
 
     @property
     def transfer_ms(self) -> float | None:
@@ -143,8 +144,8 @@ def req_stats(lines: Iterable[str]) -> list[ReqStats]:
         ts = _TS_RE.match(line)
         if not m or not ts:
             continue
-        r = ReqStats(m[1], int(m[2]), int(m[3]), m[4], float(m[6]), ts.group(1))
-        r.ms = {k: float(v) for k, v in _DUR_RE.findall(m[5])}
+        r = ReqStats(m[1], int(m[3]), int(m[4]), m[5], float(m[7]), ts.group(1), room=int(m[2]))
+        r.ms = {k: float(v) for k, v in _DUR_RE.findall(m[6])}
         x = _XFER_RE.search(line)
         if x:
             r.transfer_gib_s, r.transfer_mib = float(x[1]), float(x[2])

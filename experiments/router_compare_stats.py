@@ -24,16 +24,12 @@ import argparse
 import gzip
 import json
 import random
-import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-_STATS = re.compile(
-    r"Req Time Stats\(rid=(\S+), bootstrap_room=(\d+), input len=(\d+), output len=\d+, type=(\w+)\): (.*)"
-)
-_FIELD = re.compile(r"(\w+)(?:=|\()([\d.]+)")
+from experiments.gpu_logs import ReqStats, req_stats
 
 
 def paired(doc: dict, seed: int = 0, resamples: int = 2000) -> list[dict]:
@@ -65,31 +61,25 @@ def paired(doc: dict, seed: int = 0, resamples: int = 2000) -> list[dict]:
     return rows
 
 
-def _parse(path: Path) -> dict[str, dict]:
-    out = {}
+def _parse(path: Path) -> dict[int, ReqStats]:
+    """A server log's `Req Time Stats` by bootstrap room (`.gz` too)."""
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    for line in raw.decode(errors="replace").splitlines():
-        m = _STATS.search(line)
-        if m is None or m.group(1).startswith("HEALTH_CHECK"):
-            continue
-        rid, room, n, _typ, rest = m.groups()
-        out[room] = {"rid": rid, "n": int(n), **{k: float(v) for k, v in _FIELD.findall(rest)}}
-    return out
+    return {r.room: r for r in req_stats(raw.decode(errors="replace").splitlines())}
 
 
 def servers(logs: Path, reps: int, routers: list[str], orders: dict[str, list[list[str]]] | None = None) -> list[dict]:
     prefill = _parse(sorted(logs.glob("prefill-0.*.log*"))[0])
     decode = _parse(sorted(logs.glob("decode-0.*.log*"))[0])
-    rooms = sorted((r for r in prefill if r in decode), key=lambda r: prefill[r]["start"])
+    rooms = sorted((r for r in prefill if r in decode), key=lambda r: prefill[r].start)
     rows = []
-    lengths = sorted({prefill[r]["n"] for r in rooms})
+    lengths = sorted({prefill[r].input_len for r in rooms})
     if orders:  # the run's own lengths only (the servers' logs may hold earlier runs)
         lengths = [n for n in lengths if str(n) in orders]
     for n in lengths:
-        timed = [r for r in rooms if prefill[r]["n"] == n][-reps * len(routers) :]
+        timed = [r for r in rooms if prefill[r].input_len == n][-reps * len(routers) :]
         if len(timed) < reps * len(routers):
             continue  # not a timed length (warm-up requests)
-        by: dict[str, list[str]] = defaultdict(list)
+        by: dict[str, list[int]] = defaultdict(list)
         for i, room in enumerate(timed):
             rnd, pos = divmod(i, len(routers))
             if orders and str(n) in orders:  # the run's own orders (`--order shuffle`)
@@ -108,19 +98,19 @@ def servers(logs: Path, reps: int, routers: list[str], orders: dict[str, list[li
                     "prompt_tokens": n,
                     "router": name,
                     "requests": len(xs),
-                    "same_rid_both_servers": sum(prefill[r]["rid"] == decode[r]["rid"] for r in xs),
-                    "prefill_bootstrap_ms": med(lambda r: prefill[r]["bootstrap"]),
-                    "prefill_queue_ms": med(lambda r: prefill[r]["queue_duration"]),
-                    "prefill_forward_ms": med(lambda r: prefill[r]["forward_duration"]),
-                    "decode_prealloc_ms": med(lambda r: decode[r]["prealloc_queue_duration"]),
-                    "decode_transfer_ms": med(lambda r: decode[r]["transfer_duration"]),
+                    "same_rid_both_servers": sum(prefill[r].rid == decode[r].rid for r in xs),
+                    "prefill_bootstrap_ms": med(lambda r: prefill[r].ms["bootstrap"]),
+                    "prefill_queue_ms": med(lambda r: prefill[r].ms["queue_duration"]),
+                    "prefill_forward_ms": med(lambda r: prefill[r].ms["forward_duration"]),
+                    "decode_prealloc_ms": med(lambda r: decode[r].ms["prealloc_queue_duration"]),
+                    "decode_transfer_ms": med(lambda r: decode[r].ms["transfer_duration"]),
                     "skew_ms": med(
                         lambda r: (
-                            decode[r]["prealloc_queue_duration"]
-                            + decode[r]["transfer_duration"]
-                            - prefill[r]["bootstrap_queue_duration"]
-                            - prefill[r]["queue_duration"]
-                            - prefill[r]["forward_duration"]
+                            decode[r].ms["prealloc_queue_duration"]
+                            + decode[r].ms["transfer_duration"]
+                            - prefill[r].ms["bootstrap_queue_duration"]
+                            - prefill[r].ms["queue_duration"]
+                            - prefill[r].ms["forward_duration"]
                         )
                     ),
                 }

@@ -130,26 +130,45 @@ class GenerateStream:
     """A /generate request on its way (`SGLangClient.generate_batches`): `async with` it for its chunk batches;
     `close()` gives it up if it will never be entered."""
 
-    def __init__(self, client: SGLangClient, url: str, exchange: Exchange):
-        self.client = client
+    def __init__(self, url: str, exchange: Exchange):
         self.url = url
         self.exchange = exchange
-        self._seen = _Seen()
+        self.finished = False  # the stream delivered the server's last chunk (a finish_reason)
         self._response: StreamBody | None = None
 
     async def __aenter__(self) -> AsyncIterator[list[GenerateOutput]]:
         self._response = await self.exchange.__aenter__()
-        return self.client._batches(self.url, self._response, self._seen)
+        return self._batches(self._response)
 
     async def __aexit__(self, *exc: object) -> None:
         # however the caller left (it may close its generator at the last chunk): once the server has sent its last
         # chunk it is done with the request, and the connection can serve the next one
-        if self._seen.finish and self._response is not None:
+        if self.finished and self._response is not None:
             self._response.keep_alive_after()
         await self.exchange.__aexit__(*exc)
 
     def close(self) -> None:
         self.exchange.close()
+
+    async def _batches(self, response: StreamBody) -> AsyncIterator[list[GenerateOutput]]:
+        # Lines split from raw bytes (no text decoding): each read's complete `data:` lines, one orjson parse each.
+        url, pending = self.url, b""
+        async for data in response.reads():
+            if pending:
+                data = pending + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                pending = data
+                continue
+            pending = data[cut + 1 :]
+            batch = [out for line in data[:cut].split(b"\n") if line and (out := _parse_chunk(url, line)) is not None]
+            if batch:
+                self.finished = self.finished or batch[-1].finish_reason is not None
+                yield batch
+        if pending:
+            out = _parse_chunk(url, pending)
+            if out is not None:
+                yield [out]
 
 
 class SGLangClient:
@@ -166,27 +185,7 @@ class SGLangClient:
         P-route's two halves go out in one event-loop turn. Left after the server's last chunk, the stream's
         connection is kept for the next request; left earlier, it is closed (the server aborts)."""
         content = body if isinstance(body, bytes) else dumps(body)
-        return GenerateStream(self, url, self.transport.stream(url, "/generate", content))
-
-    async def _batches(self, url: str, response: StreamBody, seen: _Seen) -> AsyncIterator[list[GenerateOutput]]:
-        # Lines split from raw bytes (no text decoding): each read's complete `data:` lines, one orjson parse each.
-        pending = b""
-        async for data in response.reads():
-            if pending:
-                data = pending + data
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                pending = data
-                continue
-            pending = data[cut + 1 :]
-            batch = [out for line in data[:cut].split(b"\n") if line and (out := _parse_chunk(url, line)) is not None]
-            if batch:
-                seen.finish = seen.finish or batch[-1].finish_reason is not None
-                yield batch
-        if pending:
-            out = _parse_chunk(url, pending)
-            if out is not None:
-                yield [out]
+        return GenerateStream(url, self.transport.stream(url, "/generate", content))
 
     async def generate_last(self, url: str, body: dict[str, Any] | bytes) -> GenerateOutput:
         """Run a /generate stream to its end and return the last chunk (the prefill half of a P-route)."""
@@ -260,8 +259,3 @@ class SGLangClient:
             except (BackendError, ValueError):
                 continue
         return None
-
-
-@dataclass
-class _Seen:
-    finish: bool = False  # the stream delivered the server's last chunk (a finish_reason)
