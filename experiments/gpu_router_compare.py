@@ -107,6 +107,9 @@ async def via_ours(c: httpx.AsyncClient, url: str, model: str, ids: list[int], n
         "text": text,
         "completion_tokens": usage.get("completion_tokens"),
         "route": ppd.get("route"),
+        # the router's own time on the path (ms): dispatch (arrival -> written to the servers), relay (first token
+        # read -> its first byte sent); absent from builds before it was measured
+        "router_ms": ppd.get("router_ms"),
         "error": err,
     }
 
@@ -141,6 +144,18 @@ def summary_row(
             if a is not None and b is not None
         ]
         row[f"ours_minus_{ref}_ttft_ms_paired_p50"] = round(statistics.median(pairs), 2) if pairs else None
+    return row
+
+
+def router_path_row(path: dict[tuple[str, int], list[dict | None]], n: int) -> dict[str, Any]:
+    """Medians of our builds' own time on the path at length n (ms): dispatch and relay, as their answers report."""
+    row: dict[str, Any] = {}
+    for (name, length), values in path.items():
+        if length != n:
+            continue
+        for phase in ("dispatch", "relay"):
+            xs = [v[phase] for v in values if v and v.get(phase) is not None]
+            row[f"{name}_router_{phase}_ms_p50"] = round(statistics.median(xs), 3) if xs else None
     return row
 
 
@@ -216,6 +231,7 @@ async def run(args: argparse.Namespace) -> dict:
         orders: dict[int, list[list[str]]] = {}  # per length, each round's order
         order_rng = random.Random(args.seed + 1)
         e2e: dict[tuple[str, int], list[float | None]] = {}
+        path: dict[tuple[str, int], list[dict | None]] = {}  # our builds' router_ms per round
         for n in args.lengths:
             for _ in range(args.warmup):
                 for name, url in routers:
@@ -232,7 +248,11 @@ async def run(args: argparse.Namespace) -> dict:
                     ok = res["ttft_ms"] is not None and not res["error"]
                     ttft.setdefault((name, n), []).append(res["ttft_ms"] if ok else None)
                     e2e.setdefault((name, n), []).append(res["e2e_ms"] if ok else None)
+                    if name.startswith("ours"):
+                        path.setdefault((name, n), []).append(res.get("router_ms") if ok else None)
         rows = [summary_row(n, [r[0] for r in routers], ttft, e2e) for n in args.lengths]
+        for row in rows:
+            row.update(router_path_row(path, row["prompt_tokens"]))
         for row in rows:
             print(row, flush=True)
     return {
@@ -245,6 +265,7 @@ async def run(args: argparse.Namespace) -> dict:
         "ttft": rows,
         # every timed round, in order (None: the request failed): lets runs be pooled and re-analysed
         "rounds": {f"{name}@{n}": ttft.get((name, n), []) for n in args.lengths for name, _ in routers},
+        "router_ms_rounds": {f"{name}@{n}": v for (name, n), v in path.items()},
         "order": args.order,
         "orders": {str(n): o for n, o in orders.items()},
         "versions": G.versions(),

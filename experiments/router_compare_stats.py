@@ -6,7 +6,9 @@
 
 `paired`: from the run's per-round TTFTs (`rounds`), ours minus each other router, round by round (the rotation puts
 every router in every position alike): median, a 95 % bootstrap interval of the median, mean, and in how many rounds
-ours was faster.
+ours was faster. `--json` repeated pools several runs (rounds pair within their run). Runs of a build that reports
+`router_ms` also get our router's own time on the path per phase (dispatch, relay): median and p90 (with `--out X.json`,
+written to X.router_path.json).
 
 `servers`: SGLang's per-request `Req Time Stats` lines (`--enable-request-time-stats-logging`) of the prefill and
 the decode server, joined by bootstrap room. The timed requests of each length are the last `reps x routers` rooms
@@ -32,30 +34,70 @@ from pathlib import Path
 from experiments.gpu_logs import ReqStats, req_stats
 
 
-def paired(doc: dict, seed: int = 0, resamples: int = 2000) -> list[dict]:
-    rounds = doc["rounds"]
-    names = sorted({k.split("@")[0] for k in rounds}, key=lambda n: (n != "ours", n))
-    lengths = sorted({int(k.split("@")[1]) for k in rounds})
+def paired(docs: dict | list[dict], seed: int = 0, resamples: int = 2000) -> list[dict]:
+    """Ours minus each other router at each length. Several runs (`docs`) are pooled: rounds pair within their run,
+    and a router missing from a run (`--ours-before` in one only) is compared over the runs that have it."""
+    docs = [docs] if isinstance(docs, dict) else docs
+    keys = [k for doc in docs for k in doc["rounds"]]
+    names = sorted({k.split("@")[0] for k in keys}, key=lambda n: (n != "ours", n))
+    lengths = sorted({int(k.split("@")[1]) for k in keys})
     rng = random.Random(seed)
     rows = []
     for n in lengths:
         for ref in names[1:]:
-            diffs = [
-                a - b
-                for a, b in zip(rounds[f"ours@{n}"], rounds[f"{ref}@{n}"], strict=True)
-                if a is not None and b is not None
-            ]
+            diffs, runs = [], 0
+            for doc in docs:
+                rounds = doc["rounds"]
+                if f"ours@{n}" not in rounds or f"{ref}@{n}" not in rounds:
+                    continue
+                runs += 1
+                diffs += [
+                    a - b
+                    for a, b in zip(rounds[f"ours@{n}"], rounds[f"{ref}@{n}"], strict=True)
+                    if a is not None and b is not None
+                ]
+            if not diffs:
+                continue
             meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
             rows.append(
                 {
                     "prompt_tokens": n,
                     "ours_minus": ref,
+                    "runs": runs,
                     "rounds": len(diffs),
                     "paired_median_ms": round(statistics.median(diffs), 2),
                     "ci95_low_ms": round(meds[int(0.025 * resamples)], 2),
                     "ci95_high_ms": round(meds[int(0.975 * resamples) - 1], 2),
                     "mean_ms": round(statistics.fmean(diffs), 2),
                     "ours_faster_rounds": sum(d < 0 for d in diffs),
+                }
+            )
+    return rows
+
+
+def router_path(docs: list[dict]) -> list[dict]:
+    """Our router's own time on the path (`router_ms` of its answers, pooled over the runs): median and p90 per
+    phase and length, in ms."""
+    pooled: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for doc in docs:
+        for key, values in (doc.get("router_ms_rounds") or {}).items():
+            name, n = key.split("@")
+            for v in values:
+                for phase, ms in (v or {}).items():
+                    if ms is not None:
+                        pooled[(name, int(n))][phase].append(ms)
+    rows = []
+    for (name, n), phases in sorted(pooled.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for phase, xs in phases.items():
+            xs.sort()
+            rows.append(
+                {
+                    "router": name,
+                    "prompt_tokens": n,
+                    "phase": phase,
+                    "requests": len(xs),
+                    "median_ms": round(statistics.median(xs), 3),
+                    "p90_ms": round(xs[int(0.9 * (len(xs) - 1))], 3),
                 }
             )
     return rows
@@ -133,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("paired", help="ours minus each router, round by round, with a bootstrap interval")
-    a.add_argument("--json", required=True, help="a gpu_router_compare output that has `rounds`")
+    a.add_argument(
+        "--json", required=True, action="append", help="a gpu_router_compare output with `rounds` (repeat to pool runs)"
+    )
     a.add_argument("--out", help="also write the rows here (JSON)")
     b = sub.add_parser("servers", help="the servers' per-request timings, by router")
     b.add_argument("--logs", required=True, help="the directory with prefill-0.*.log and decode-0.*.log (or .log.gz)")
@@ -143,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", help="also write the rows here (JSON)")
     args = p.parse_args(argv)
     if args.what == "paired":
-        rows = paired(json.loads(Path(args.json).read_text()))
+        docs = [json.loads(Path(path).read_text()) for path in args.json]
+        rows = paired(docs)
+        path_rows = router_path(docs)  # builds that report router_ms
+        _print(path_rows)
+        if args.out and path_rows:
+            Path(args.out).with_suffix(".router_path.json").write_text(json.dumps(path_rows, indent=2) + "\n")
     else:
         orders = json.loads(Path(args.json).read_text()).get("orders") if args.json else None
         rows = servers(Path(args.logs), args.reps, args.routers.split(","), orders)

@@ -80,10 +80,22 @@ def _own_cpu_s(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
+def path_ms(sent_unix: float, first_unix: float | None, decode: dict[str, Any]) -> dict[str, float | None]:
+    """Where a request's time outside the servers went, from the decode server's wall-clock stamps (the emulator's
+    meta_info.ppd `arrival_unix_s`, `first_chunk_unix_s`; client and servers share this box's clock):
+    `to_server_ms` = the client's send to the decode server's handler (the router's dispatch, both HTTP hops),
+    `from_server_ms` = the decode server's first chunk to the client's first token (the router's relay)."""
+    arrival, first_chunk = decode.get("arrival_unix_s"), decode.get("first_chunk_unix_s")
+    return {
+        "to_server_ms": None if arrival is None else (arrival - sent_unix) * 1000,
+        "from_server_ms": None if first_chunk is None or first_unix is None else (first_unix - first_chunk) * 1000,
+    }
+
+
 async def rust_generate(c: httpx.AsyncClient, url: str, ids: list[int], n_out: int) -> dict[str, Any]:
     body = generate_body(ids, {"max_new_tokens": n_out, "temperature": 0.0, "ignore_eos": True}, stream=True)
-    t0 = time.perf_counter()
-    ttft, chunks = None, 0
+    sent_unix, t0 = time.time(), time.perf_counter()
+    ttft, chunks, first_unix, decode = None, 0, None, {}
     async with c.stream("POST", f"{url}/generate", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"rust router: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -93,8 +105,14 @@ async def rust_generate(c: httpx.AsyncClient, url: str, ids: list[int], n_out: i
                 continue
             chunks += 1
             if o.output_ids and ttft is None:
-                ttft = time.perf_counter() - t0
-    return {"ttft_ms": ttft * 1000 if ttft else None, "e2e_ms": (time.perf_counter() - t0) * 1000, "chunks": chunks}
+                ttft, first_unix = time.perf_counter() - t0, time.time()
+            decode = o.meta_info.get("ppd") or decode  # the decode server's stream: its stamps
+    return {
+        "ttft_ms": ttft * 1000 if ttft else None,
+        "e2e_ms": (time.perf_counter() - t0) * 1000,
+        "chunks": chunks,
+        **path_ms(sent_unix, first_unix, decode),
+    }
 
 
 async def ours_openai(c: httpx.AsyncClient, url: str, kind: str, prompt: list[int] | str, n_out: int) -> dict[str, Any]:
@@ -112,8 +130,8 @@ async def ours_openai(c: httpx.AsyncClient, url: str, kind: str, prompt: list[in
     else:
         body["prompt"] = prompt
         path = "/v1/completions"
-    t0 = time.perf_counter()
-    ttft, chunks, route = None, 0, None
+    sent_unix, t0 = time.time(), time.perf_counter()
+    ttft, chunks, route, first_unix, timings = None, 0, None, None, {}
     async with c.stream("POST", url + path, json=body, headers={"x-ppd-policy": "prefill"}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"ours: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -127,11 +145,20 @@ async def ours_openai(c: httpx.AsyncClient, url: str, kind: str, prompt: list[in
             for ch in obj.get("choices") or []:
                 piece = ch.get("text") if kind != "chat" else (ch.get("delta") or {}).get("content")
                 if piece and ttft is None:
-                    ttft = time.perf_counter() - t0
+                    ttft, first_unix = time.perf_counter() - t0, time.time()
             route = (obj.get("ppd") or {}).get("route", route)
+            timings = (obj.get("ppd") or {}).get("server_timings", timings)
     if route != "prefill":
         raise RuntimeError(f"ours: expected the P-route, got {route!r}")
-    return {"ttft_ms": ttft * 1000 if ttft else None, "e2e_ms": (time.perf_counter() - t0) * 1000, "chunks": chunks}
+    # server_timings is flat, the prefill server's values first: the decode server's differing ones are
+    # `decode_server.<key>`
+    decode = {k: timings.get(f"decode_server.{k}", timings.get(k)) for k in ("arrival_unix_s", "first_chunk_unix_s")}
+    return {
+        "ttft_ms": ttft * 1000 if ttft else None,
+        "e2e_ms": (time.perf_counter() - t0) * 1000,
+        "chunks": chunks,
+        **path_ms(sent_unix, first_unix, decode),
+    }
 
 
 async def stream_gaps(c: httpx.AsyncClient, who: str, url: str, ids: list[int], n_out: int) -> dict[str, Any]:
@@ -339,7 +366,9 @@ async def measure(
 
         rows = []
         for n in args.lengths if args.reps > 0 else []:
-            lat: dict[str, dict[str, list[float]]] = {v: {"ttft": [], "e2e": [], "cpu": []} for v in variants}
+            lat: dict[str, dict[str, list[float]]] = {
+                v: {"ttft": [], "e2e": [], "cpu": [], "to_server": [], "from_server": []} for v in variants
+            }
             for rep in range(args.reps):
                 order = variants if rep % 2 == 0 else variants[::-1]
                 for v in order:
@@ -350,6 +379,8 @@ async def measure(
                     lat[v]["cpu"].append(cpu_ms)
                     lat[v]["ttft"] += [r["ttft_ms"] for r in res if r["ttft_ms"] is not None]
                     lat[v]["e2e"] += [r["e2e_ms"] for r in res]
+                    for key in ("to_server", "from_server"):
+                        lat[v][key] += [r[f"{key}_ms"] for r in res if r.get(f"{key}_ms") is not None]
             for v in variants:
                 row = {
                     "prompt_tokens": n,
@@ -361,6 +392,8 @@ async def measure(
                     "ttft_ms_p90": pct(lat[v]["ttft"], 0.9),
                     "e2e_ms_p50": pct(lat[v]["e2e"], 0.5),
                     "e2e_ms_p90": pct(lat[v]["e2e"], 0.9),
+                    "to_server_ms_p50": pct(lat[v]["to_server"], 0.5),
+                    "from_server_ms_p50": pct(lat[v]["from_server"], 0.5),
                 }
                 rows.append(row)
                 print(row, flush=True)
@@ -418,13 +451,19 @@ def markdown(doc: dict) -> str:
         "running: CPU-time figures are the robust ones; wall-clock TTFT/E2E are noisy and include the emulated "
         "servers' own (scaled) time.",
         "",
-        "| prompt tokens | router / request | CPU ms/req p50 | CPU ms/req mean | TTFT p50 | TTFT p90 | E2E p50 | E2E p90 | n |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "To server / from server (wall ms, p50): the client's send to the decode server's handler, and the decode "
+        "server's first chunk to the client's first token (the emulator's wall-clock stamps; one clock on this box): "
+        "what the router adds on each way, HTTP hops included.",
+        "",
+        "| prompt tokens | router / request | CPU ms/req p50 | CPU ms/req mean | TTFT p50 | TTFT p90 | E2E p50 | E2E p90 "
+        "| to server p50 | from server p50 | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["request"]:
         out.append(
             f"| {r['prompt_tokens']} | {r['variant']} | {r['cpu_ms_per_req_p50']} | {r['cpu_ms_per_req_mean']} | "
-            f"{r['ttft_ms_p50']} | {r['ttft_ms_p90']} | {r['e2e_ms_p50']} | {r['e2e_ms_p90']} | {r['n']} |"
+            f"{r['ttft_ms_p50']} | {r['ttft_ms_p90']} | {r['e2e_ms_p50']} | {r['e2e_ms_p90']} | "
+            f"{r.get('to_server_ms_p50')} | {r.get('from_server_ms_p50')} | {r['n']} |"
         )
     if doc["chunks"]:
         out += [

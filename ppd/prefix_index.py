@@ -13,6 +13,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+def _common_len(edge: tuple[int, ...], ids: tuple[int, ...], pos: int) -> int:
+    """How many leading tokens of `edge` equal `ids[pos:]`. Slices compare in C: a whole edge at once (the common
+    case: a conversation's cached turns), else by bisection; a token-by-token loop in Python took ~0.5 ms per 8k
+    cached tokens, and a request walks the index up to three times before it is sent."""
+    limit = min(len(edge), len(ids) - pos)
+    if edge[:limit] == ids[pos : pos + limit]:
+        return limit
+    lo, hi = 0, limit  # edge[:lo] matches, edge[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if edge[lo:mid] == ids[pos + lo : pos + mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 @dataclass(eq=False)
 class _Node:
     key: tuple[int, ...] = ()
@@ -39,6 +56,7 @@ class PrefixIndex:
 
     def _walk(self, ids: Sequence[int], touch: bool) -> tuple[int, list[_Node]]:
         """Longest cached prefix of ids: (matched length, nodes fully or partly on the path)."""
+        ids = ids if isinstance(ids, tuple) else tuple(ids)
         node, pos, path = self._root, 0, []
         now = next(self._clock) if touch else 0
         while pos < len(ids):
@@ -46,10 +64,7 @@ class PrefixIndex:
             if child is None:
                 break
             k = child.key
-            n = 0
-            limit = min(len(k), len(ids) - pos)
-            while n < limit and k[n] == ids[pos + n]:
-                n += 1
+            n = _common_len(k, ids, pos)
             if touch:
                 child.last_access = now
             path.append(child)
@@ -76,10 +91,7 @@ class PrefixIndex:
                 added = len(ids) - pos
                 break
             k = child.key
-            n = 0
-            limit = min(len(k), len(ids) - pos)
-            while n < limit and k[n] == ids[pos + n]:
-                n += 1
+            n = _common_len(k, ids, pos)
             if n < len(k):  # split the edge at n; the unmatched tail keeps its own LRU age
                 mid = _Node(key=k[:n], parent=node, last_access=now)
                 node.children[k[0]] = mid

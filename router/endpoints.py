@@ -22,7 +22,6 @@ import contextlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -95,10 +94,11 @@ class Incoming:
 
     headers: dict[str, str]  # lower-case names, as ASGI gives them
     watch: ClientWatch
+    arrived: float  # perf_counter when the request reached `serve`
 
     @classmethod
-    def of(cls, scope: Scope, watch: ClientWatch) -> Incoming:
-        return cls({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}, watch)
+    def of(cls, scope: Scope, watch: ClientWatch, arrived: float) -> Incoming:
+        return cls({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}, watch, arrived)
 
 
 async def serve(state: RouterState | None, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -109,10 +109,11 @@ async def serve(state: RouterState | None, endpoint: str, scope: Scope, receive:
     if state is None:  # the lifespan has not started (or has ended)
         return await OpenAIError(503, "the router is not running", code="not_running").response()(scope, receive, send)
     watch: ClientWatch | None = None
+    arrived = time.perf_counter()
     try:
         body = await _read_body(receive)
         watch = ClientWatch(receive)
-        incoming = Incoming.of(scope, watch)
+        incoming = Incoming.of(scope, watch, arrived)
         if endpoint == "chat":
             req: om._SamplingFields = _parse(om.ChatCompletionRequest, body)
             prompt_ids, max_new = await _chat_input(state, req)  # type: ignore[arg-type]
@@ -293,10 +294,10 @@ async def _start(
             if err.status in (429, 503):  # admission control: no slot, or no healthy server
                 state.metrics.requests.labels(endpoint, "none", "rejected").inc()
             raise
-        rid = uuid.uuid4().hex
+        rid = protocol.new_rid()
         body = protocol.generate_body(prompt_ids, sampling, stream=True, rid=rid)
         call = RouteCall(state.client, plan, body, state.timeouts, on_prefill_done=state.router.release_prefill)
-        gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0, req.return_token_ids)
+        gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0, req.return_token_ids, incoming.arrived)
         try:
             await gen.prime()
             return gen

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 # Latency buckets from a 5 ms decode step up to a 2-minute long-context prefill.
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60, 120)
+# The router's own time on a request's path: tens of microseconds to a few milliseconds.
+_ROUTER_PATH_BUCKETS_S = (25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3, 25.6e-3)
 _TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
 
 
@@ -34,6 +36,15 @@ class RouterMetrics:
             "ppd_tpot_seconds", "Time per output token", ["route"], buckets=_TPOT_BUCKETS_S, registry=r
         )
         self.e2e = Histogram("ppd_e2e_seconds", "End-to-end latency", ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.router_path = Histogram(
+            "ppd_router_path_seconds",
+            "The router's own time on a request's path to its first token: phase=dispatch from the request's arrival "
+            "to its halves written to the servers (parse, checks, tokenizing, planning); phase=relay from the first "
+            "token read to its first byte written to the client (streams)",
+            ["phase"],
+            buckets=_ROUTER_PATH_BUCKETS_S,
+            registry=r,
+        )
         self.decisions = Counter(
             "ppd_routing_decisions", "Routing decisions", ["policy", "route", "reason"], registry=r
         )

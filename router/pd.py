@@ -163,6 +163,7 @@ class RouteCall:
         self.aborted: list[str] = []  # backend names that were sent /abort_request
         self.abort_tasks: list[asyncio.Task] = []  # those aborts, in flight (a retry waits for them)
         self._prefill_task: asyncio.Task | None = None
+        self.t_sent: float | None = None  # perf_counter when the request was written to its server(s)
 
     async def _prefill_half(self, stream: GenerateStream) -> protocol.GenerateOutput:
         assert self.plan.prefill is not None
@@ -216,6 +217,7 @@ class RouteCall:
                     assert self.plan.prefill is not None
                     prefill_stream = self.client.generate_batches(self.plan.prefill.url, self.payload)
                 decode = self.client.generate_batches(self.plan.decode.url, self.payload)
+                self.t_sent = time.perf_counter()
                 stack.callback(decode.close)  # a no-op once the stream ended; else its connection is closed
                 if self.plan.route is Route.PREFILL:
                     self._prefill_task = asyncio.create_task(self._prefill_half(prefill_stream))

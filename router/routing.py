@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import multiprocessing
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 CONVERSATION_MEMORY = 65536  # conversations whose last route and decode server are remembered (LRU)
 PREFILL_FAILED_RETRY = "prefill-failed-retry"  # decision reason of a D-route retry after a failed P-route
 NO_LOCAL_APPEND = "no-local-append"  # the policy said D, but the decode servers run stock SGLang (no extension)
+
+
+def _after_dispatch(fn: Callable[..., None], *args: Any) -> None:
+    """Run `fn(*args)` in the event loop's next turn: after the request being planned has been written to its servers
+    (both halves leave in the turn that plans them, see router.pd.RouteCall.chunks), off the path to its first token.
+    Without a running loop (a synchronous caller), now."""
+    try:
+        asyncio.get_running_loop().call_soon(fn, *args)
+    except RuntimeError:
+        fn(*args)
 
 
 def usable_prefix(matched: int, prompt_tokens: int) -> int:
@@ -341,9 +351,7 @@ class Router:
                 prefill.index.match(prompt_ids, touch=True)
             else:
                 prefill = None  # prefill_load stays: observations record the queue the policy saw
-        self.metrics.decisions.labels(decision.policy, decision.route.value, decision.reason).inc()
-        if r.log_decisions:
-            log.info("decision %s L=%d m=%d", decision.explain(), cached, len(prompt_ids) - cached)
+        _after_dispatch(self._announce, decision, cached, len(prompt_ids) - cached)
         plan = RoutePlan(
             decision=decision,
             decode=decode,
@@ -358,6 +366,13 @@ class Router:
         )
         self._acquire(plan)
         return plan
+
+    def _announce(self, decision: Decision, cached: int, append: int) -> None:
+        """Count the decision and log it (the logging module formats and writes the line on the loop: ~0.15 ms on a
+        2-core box, half the planning; done once the request has gone out)."""
+        self.metrics.decisions.labels(decision.policy, decision.route.value, decision.reason).inc()
+        if self.cfg.router.log_decisions:
+            log.info("decision %s L=%d m=%d", decision.explain(), cached, append)
 
     # --- admission slots -----------------------------------------------------------------------------------------
 

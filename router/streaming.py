@@ -44,12 +44,18 @@ class TextAssembler:
         self._read_offset = 0
 
     def _decode_new(self) -> str:
-        prefix = self.tok.decode(self.ids[self._prefix_offset : self._read_offset])
+        prefix = self._decoded_prefix()
         full = self.tok.decode(self.ids[self._prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):  # wait for the rest of a multi-byte char
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
+
+    def _decoded_prefix(self) -> str:
+        # the window's already-shown head; none before the first token (no call into the tokenizer for it)
+        if self._prefix_offset == self._read_offset:
+            return ""
+        return self.tok.decode(self.ids[self._prefix_offset : self._read_offset])
 
     def _held_back(self) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop string."""
@@ -82,9 +88,7 @@ class TextAssembler:
     def flush(self) -> str:
         """At the end: any text still held back (a partial stop-string match that never completed)."""
         if not self.stopped:
-            self.text += self.tok.decode(self.ids[self._prefix_offset :])[
-                len(self.tok.decode(self.ids[self._prefix_offset : self._read_offset])) :
-            ]
+            self.text += self.tok.decode(self.ids[self._prefix_offset :])[len(self._decoded_prefix()) :]
         out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out
@@ -140,6 +144,7 @@ class Generation:
         stops: list[str],
         t0: float,
         return_token_ids: bool = False,  # the request's `return_token_ids`: output ids in the `ppd` object
+        arrived: float | None = None,  # perf_counter when the request reached the router (before its body was read)
     ):
         self.state = state
         self.endpoint = endpoint
@@ -147,7 +152,9 @@ class Generation:
         self.call = call
         self.text = TextAssembler(state.tokenizer, stops)
         self.t0 = t0
+        self.arrived = t0 if arrived is None else arrived
         self.t_first: float | None = None
+        self.t_first_sent: float | None = None  # streams: the first token's bytes written to the client
         self.t_last: float | None = None
         self.result: Result | None = None
         self.return_token_ids = return_token_ids
@@ -287,10 +294,25 @@ class Generation:
         ppd = ppd_object(plan, call.rid, kv_bytes, timings)
         ppd["ttft_ms"] = round(ttft_ms, 3)
         ppd["e2e_ms"] = round(e2e_ms, 3)
+        ppd["router_ms"] = self._router_path()
         if self.return_token_ids:
             ppd["output_ids"] = list(out_ids)
         self.result = Result(text, finish_reason, usage, ppd)
         return self.result
+
+    def _router_path(self) -> dict[str, float | None]:
+        """The router's own time on this request's path (ms), also into ppd_router_path_seconds."""
+        phases = {
+            "dispatch": self.call.t_sent - self.arrived if self.call.t_sent is not None else None,
+            "relay": self.t_first_sent - self.t_first
+            if self.t_first_sent is not None and self.t_first is not None
+            else None,
+        }
+        hist = self.state.metrics.router_path
+        for phase, seconds in phases.items():
+            if seconds is not None:
+                hist.labels(phase).observe(seconds)
+        return {phase: None if s is None else round(s * 1000, 3) for phase, s in phases.items()}
 
 
 def ppd_object(plan: RoutePlan, rid: str, kv_bytes: int, timings: dict[str, float]) -> dict[str, Any]:
@@ -359,6 +381,8 @@ async def sse_stream(
                 if continuous_usage:
                     obj["usage"] = gen.usage_so_far()
                 yield sse(obj)
+                if gen.t_first_sent is None:  # resumed once the event was handed to the server (SSEReply)
+                    gen.t_first_sent = time.perf_counter()
         result = await gen.finish("".join(parts))
         final = chunk_fn(None, result.finish_reason)
         if include_usage:

@@ -76,7 +76,7 @@ def build_app(server: EmulatedServer, manage_lifecycle: bool = True) -> FastAPI:
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Response:
-        arrival = asyncio.get_running_loop().time()
+        arrival, arrival_unix = asyncio.get_running_loop().time(), time.time()
         try:
             data = await _json_body(request)
             req = parse_generate(
@@ -86,6 +86,7 @@ def build_app(server: EmulatedServer, manage_lifecycle: bool = True) -> FastAPI:
                 encode=server.tokenizer.encode,
             )
             job = server.submit(req, arrival)
+            job.arrival_unix = arrival_unix
         except RequestError as err:
             return error_response(400, str(err))
         if req.stream:
@@ -204,6 +205,8 @@ async def _stream(server: EmulatedServer, job):
                 else:
                     ids_text += (b"," + new) if sent and new else new
                 meta = server.meta_info(job, with_timings=sent == 0 or job.finished)
+                if n and job.first_chunk_unix is None:
+                    job.first_chunk_unix = time.time()  # reported from the next chunk on (this one is built)
                 sent = n
                 yield b'data: {"text":"","output_ids":[' + ids_text + b'],"meta_info":' + _dumps(meta) + b"}\n\n"
             if job.finished:

@@ -78,6 +78,11 @@ class Job:
     transfer_s: float | None = None  # PD: wall seconds the KV move took (modeled, >= measured)
     wire_bytes: int = 0  # PD: bytes moved over Mooncake
     aux: Any = None  # PD decode: the prefill's aux data
+    # Wall clock (time.time()), for measuring what lies outside the server (a router's path): the request handed to
+    # /generate, and its first stream chunk with a token handed to the HTTP server. The loop clock above may be
+    # uvloop's, which counts milliseconds.
+    arrival_unix: float | None = None
+    first_chunk_unix: float | None = None
     integrity_ok: bool = True  # PD decode: received KV matched the sender's checksum
     done: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -481,6 +481,9 @@ class EmulatedServer:
             "kv_bytes_wire": 0,
             "cached_tokens": job.cached_tokens,
         }
+        for key, unix in (("arrival_unix_s", job.arrival_unix), ("first_chunk_unix_s", job.first_chunk_unix)):
+            if unix is not None:
+                out[key] = round(unix, 6)
         if job.kind == "prefill":
             t = job.transfer_s
             out["transfer_ms"] = None if t is None else round(t * 1e3 / self.time_scale, 3)

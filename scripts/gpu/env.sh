@@ -148,7 +148,8 @@ restart_pd_tcp() {
 
 # router_compare: sglang-router 0.3.2 (Rust) and its mini-lb in front of the running PD pair, our router (forced
 # `prefill` by header) against both: same tokens, TTFT p50/mean and the per-round paired difference (RC_REPS rounds,
-# 9 unless set; RC_ORDER=shuffle for a fresh order each round; RC_LENGTHS, 512,2048,8192 unless set)
+# 9 unless set; RC_ORDER=shuffle for a fresh order each round; RC_LENGTHS, 512,2048,8192 unless set; RC_LIMIT, the
+# step's limit in s, 300 unless set; RC_SEED, the prompts' seed, 2 unless set)
 router_compare() {
   bg sglang-router python3 -m sglang_router.launch_router --pd-disaggregation --prefill "$P" "$BP" --decode "$D" \
     --host 127.0.0.1 --port 8100
@@ -164,9 +165,9 @@ router_compare() {
     up+=(router-before)
   fi
   wait_up 45 "${up[@]}" || say "a reference router is not up (its rows will show errors)"
-  step router_compare 300 python3 -m experiments.gpu_router_compare --prefill "$P" --decode "$D" --ours "$R" \
+  step router_compare "${RC_LIMIT:-300}" python3 -m experiments.gpu_router_compare --prefill "$P" --decode "$D" --ours "$R" \
     --sglang http://127.0.0.1:8100 --mini-lb http://127.0.0.1:8200 "${before[@]}" --lengths "${RC_LENGTHS:-512,2048,8192}" \
-    --reps "${RC_REPS:-9}" --order "${RC_ORDER:-rotate}" --warmup 2 --out "$RES/router_compare.json"
+    --reps "${RC_REPS:-9}" --order "${RC_ORDER:-rotate}" --seed "${RC_SEED:-2}" --warmup 2 --out "$RES/router_compare.json"
   stop sglang-router
   stop mini-lb
   stop router-before

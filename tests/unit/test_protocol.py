@@ -24,6 +24,13 @@ def test_bootstrap_room_is_63_bit():
     assert max(rooms) > 2**62  # uses the whole range, like mini_lb's random.randint(0, 2**63 - 1)
 
 
+def test_rids_are_32_hex_digits_and_unique():
+    rids = [protocol.new_rid() for _ in range(5000)]
+    assert all(len(r) == 32 and int(r, 16) >= 0 for r in rids)  # uuid4().hex's shape
+    assert len(set(rids)) == len(rids)
+    assert any(r.startswith("0") for r in rids)  # zero-padded: all 128 bits
+
+
 def test_bodies_match_mini_lb():
     body = protocol.generate_body([1, 2, 3], {"max_new_tokens": 4}, stream=True, rid="r1")
     assert body == {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}, "stream": True, "rid": "r1"}

@@ -105,7 +105,16 @@ async def test_stream_without_usage_puts_ppd_on_the_final_chunk(api):
     )
     chunks = sse_events(r.text)[:-1]
     assert "usage" not in chunks[-1] and chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["ppd"]["route"] == "decode"
+    ppd = chunks[-1]["ppd"]
+    assert ppd["route"] == "decode"
+    # the router's own time on the path: both phases measured, each a small part of the request's TTFT
+    path = ppd["router_ms"]
+    assert 0 < path["dispatch"] < ppd["e2e_ms"] and 0 < path["relay"] < ppd["e2e_ms"]
+    metrics = (await client.get("/metrics")).text
+    assert 'ppd_router_path_seconds_count{phase="dispatch"} 1.0' in metrics
+    assert 'ppd_router_path_seconds_count{phase="relay"} 1.0' in metrics
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+    assert r.json()["ppd"]["router_ms"]["relay"] is None  # no stream: nothing relayed token by token
 
 
 async def test_completions_text_and_token_ids(api):
@@ -179,8 +188,11 @@ async def test_malformed_json_and_bad_prompts(api):
     client, _ = api
     r = await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_openai_error(r, 400, "invalid_json")
-    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 200000]})
-    assert_openai_error(r, 400, "invalid_value", "prompt")
+    # ids outside the vocabulary, named in the message: too large, negative, beyond int64
+    for prompt, bad in (([1, 2, 200000], 200000), ([5, -1, 7], -1), ([3, 2**63], 2**63)):
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+        err = assert_openai_error(r, 400, "invalid_value", "prompt")
+        assert f"token id {bad} is outside the vocabulary" in err["message"]
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]})
     assert_openai_error(r, 400, "unsupported", "prompt")
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "", "max_tokens": 2})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 
-from experiments.router_compare_stats import paired, servers
+from experiments.router_compare_stats import paired, router_path, servers
 
 ROUTERS = ["ours", "ref"]
 
@@ -50,6 +50,26 @@ def test_paired_differences_round_by_round():
     assert row["rounds"] == 3 and row["ours_minus"] == "ref"
     assert row["paired_median_ms"] == -1.0 and row["ours_faster_rounds"] == 2
     assert row["ci95_low_ms"] <= -1.0 <= row["ci95_high_ms"]
+
+
+def test_paired_pools_runs_pairing_within_each():
+    """Rounds pair within their own run; a router only one run timed is compared over that run alone."""
+    a = {"rounds": {"ours@512": [10.0, 10.0], "ref@512": [11.0, 12.0], "old@512": [9.0, 9.0]}}
+    b = {"rounds": {"ours@512": [20.0, 20.0, 20.0], "ref@512": [19.0, 21.0, 22.0]}}
+    rows = {r["ours_minus"]: r for r in paired([a, b], resamples=200)}
+    assert rows["ref"]["runs"] == 2 and rows["ref"]["rounds"] == 5
+    assert rows["ref"]["paired_median_ms"] == -1.0  # diffs -1, -2, +1, -1, -2
+    assert rows["ref"]["ours_faster_rounds"] == 4
+    assert rows["old"]["runs"] == 1 and rows["old"]["rounds"] == 2 and rows["old"]["paired_median_ms"] == 1.0
+
+
+def test_router_path_pools_each_phase():
+    run = {"router_ms_rounds": {"ours@512": [{"dispatch": 0.5, "relay": 0.2}, None, {"dispatch": 0.7, "relay": None}]}}
+    other = {"router_ms_rounds": {"ours@512": [{"dispatch": 0.6, "relay": 0.1}]}}
+    rows = {r["phase"]: r for r in router_path([run, other])}
+    assert rows["dispatch"]["requests"] == 3 and rows["dispatch"]["median_ms"] == 0.6
+    assert rows["relay"]["requests"] == 2 and rows["relay"]["median_ms"] == 0.15
+    assert router_path([{"rounds": {}}]) == []  # a build before router_ms
 
 
 def test_servers_follows_the_runs_own_orders(tmp_path):
