@@ -69,7 +69,7 @@ class StreamSeen:
     timed_out: bool = False
     retry_after: str | None = None
     tokens: int = 0
-    route: str | None = None
+    route: str | None = None  # x-ppd-route, then the closing chunk's ppd.route (the route that answered)
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,8 @@ async def router_chat(
                         continue
                     if obj.get("usage"):
                         seen.tokens = int(obj["usage"].get("completion_tokens") or 0)
+                    if obj.get("ppd"):  # the route that answered (a retry's, where the headers name the first try)
+                        seen.route = obj["ppd"].get("route", seen.route)
                     for choice in obj.get("choices") or []:
                         if (choice.get("delta") or {}).get("content") and seen.first_token_s is None:
                             seen.first_token_s = time.perf_counter()

@@ -37,7 +37,7 @@ from router import openai_models as om
 from router.errors import OpenAIError, validation_message
 from router.pd import PrefillFailed, RouteCall, uncancel
 from router.routing import Retry, RoutePlan
-from router.streaming import Generation, error_from, sse_stream
+from router.streaming import SSE_DONE, Generation, error_from, sse, sse_stream
 
 if TYPE_CHECKING:
     from router.app import RouterState
@@ -90,15 +90,30 @@ class ClientWatch:
 
 @dataclass
 class Incoming:
-    """What the request path needs of the HTTP request besides its body."""
+    """What the request path needs of the HTTP request besides its body, and the response's start."""
 
     headers: dict[str, str]  # lower-case names, as ASGI gives them
     watch: ClientWatch
     arrived: float  # perf_counter when the request reached `serve`
+    send: Send
+    started: bool = False  # a stream's status and headers went out
 
     @classmethod
-    def of(cls, scope: Scope, watch: ClientWatch, arrived: float) -> Incoming:
-        return cls({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}, watch, arrived)
+    def of(cls, scope: Scope, watch: ClientWatch, arrived: float, send: Send) -> Incoming:
+        return cls({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}, watch, arrived, send)
+
+    def request_id(self, rid: str) -> str:
+        """x-request-id of the answer: the client's own, if it sent a usable one, else the backend rid."""
+        given = self.headers.get("x-request-id", "")
+        return given if _REQUEST_ID.match(given) else rid
+
+    async def start_stream(self, headers: dict[str, str]) -> None:
+        """Send a stream's status (200) and headers, once."""
+        if self.started:
+            return
+        self.started = True
+        encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] + _SSE_HEADERS
+        await self.send({"type": "http.response.start", "status": 200, "headers": encoded})
 
 
 async def serve(state: RouterState | None, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -109,11 +124,13 @@ async def serve(state: RouterState | None, endpoint: str, scope: Scope, receive:
     if state is None:  # the lifespan has not started (or has ended)
         return await OpenAIError(503, "the router is not running", code="not_running").response()(scope, receive, send)
     watch: ClientWatch | None = None
+    incoming: Incoming | None = None
+    failure: OpenAIError | None = None
     arrived = time.perf_counter()
     try:
         body = await _read_body(receive)
         watch = ClientWatch(receive)
-        incoming = Incoming.of(scope, watch, arrived)
+        incoming = Incoming.of(scope, watch, arrived, send)
         if endpoint == "chat":
             req: om._SamplingFields = _parse(om.ChatCompletionRequest, body)
             prompt_ids, max_new = await _chat_input(state, req)  # type: ignore[arg-type]
@@ -122,7 +139,7 @@ async def serve(state: RouterState | None, endpoint: str, scope: Scope, receive:
             prompt_ids, max_new = await _completion_input(state, req)  # type: ignore[arg-type]
         reply = await _answer(state, incoming, endpoint, req, prompt_ids, max_new)
         if isinstance(reply, SSEReply):
-            return await reply(send)  # under the watch: a client that leaves mid-stream cancels it
+            return await reply(incoming)  # under the watch: a client that leaves mid-stream cancels it
     except ClientGone:
         return
     except asyncio.CancelledError:
@@ -133,14 +150,21 @@ async def serve(state: RouterState | None, endpoint: str, scope: Scope, receive:
     except OpenAIError as err:
         if 400 <= err.status < 500 and err.status != 429:  # 429/503 are counted where they are decided
             state.metrics.requests.labels(endpoint, "none", "bad_request").inc()
-        reply = err.response()
+        failure = err
     except Exception as exc:
         log.exception("unhandled error on POST %s", scope["path"])
-        reply = OpenAIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+        failure = OpenAIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
     finally:
         if watch is not None:
             watch.stop()
-    await reply(scope, receive, send)
+    if failure is None:
+        return await reply(scope, receive, send)
+    if incoming is not None and incoming.started:
+        # a stream whose servers had accepted it failed before its first token: the error is its one event
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": sse(failure.body()) + SSE_DONE, "more_body": False})
+        return
+    await failure.response()(scope, receive, send)
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -296,7 +320,14 @@ async def _start(
             raise
         rid = protocol.new_rid()
         body = protocol.generate_body(prompt_ids, sampling, stream=True, rid=rid)
-        call = RouteCall(state.client, plan, body, state.timeouts, on_prefill_done=state.router.release_prefill)
+        call = RouteCall(
+            state.client,
+            plan,
+            body,
+            state.timeouts,
+            on_prefill_done=state.router.release_prefill,
+            on_accepted=_stream_start(incoming, plan, rid) if req.stream else None,
+        )
         gen = Generation(state, endpoint, plan, call, req.stop_strings(), t0, req.return_token_ids, incoming.arrived)
         try:
             await gen.prime()
@@ -323,6 +354,22 @@ async def _start(
             if call.abort_tasks:  # the decode half is gone before its retry arrives
                 await asyncio.wait(call.abort_tasks, timeout=state.cfg.router.connect_timeout_s)
     raise AssertionError("unreachable")
+
+
+def _stream_start(incoming: Incoming, plan: RoutePlan, rid: str) -> Callable[[], Awaitable[None]]:
+    """A stream's response starts (200, the route's headers) once its servers have accepted the request, before its
+    first token, as sglang-router passes the decode server's status on: the client has read the headers by the
+    time the first token comes, and the first token's bytes are all it waits for then (sent with it, the headers'
+    parsing by the client lay on its TTFT: ~1 ms from the servers' first chunk to an httpx client's first token on
+    the 2-core box, against ~0.7 ms with them sent before, `python -m experiments.router_overhead`). A refusal by a
+    server is still an HTTP error; what fails after the acceptance (a dropped prefill, a first-token timeout) is an
+    error event in the stream, and a retry streams its answer under the first attempt's headers (the `ppd` object
+    names the route that answered)."""
+
+    async def start() -> None:
+        await incoming.start_stream(_route_headers(plan, incoming.request_id(rid)))
+
+    return start
 
 
 def _retry_after(state: RouterState, plan: RoutePlan, exc: Exception) -> Retry | None:
@@ -356,14 +403,15 @@ def _retry_after(state: RouterState, plan: RoutePlan, exc: Exception) -> Retry |
 
 @dataclass
 class SSEReply:
-    """A streamed answer: SSE events from `events` (`sse_stream`, which also turns errors into events)."""
+    """A streamed answer: SSE events from `events` (`sse_stream`, which also turns errors into events). Its status
+    and headers went out when the servers accepted the request (`_stream_start`), unless a server never said so."""
 
     headers: dict[str, str]
     events: AsyncIterator[bytes]
 
-    async def __call__(self, send: Send) -> None:
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()] + _SSE_HEADERS
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+    async def __call__(self, incoming: Incoming) -> None:
+        await incoming.start_stream(self.headers)
+        send = incoming.send
         with contextlib.suppress(OSError):  # a server that reports a closed client by raising
             async with contextlib.aclosing(self.events) as events:
                 async for event in events:
@@ -376,8 +424,7 @@ async def _answer(
 ) -> SSEReply | Response:
     t0 = time.perf_counter()
     gen = await _start(state, incoming, endpoint, req, prompt_ids, max_new, t0)
-    request_id = incoming.headers.get("x-request-id", "")
-    headers = _route_headers(gen.plan, request_id if _REQUEST_ID.match(request_id) else gen.call.rid)
+    headers = _route_headers(gen.plan, incoming.request_id(gen.call.rid))
     model = state.cfg.model.served_name
     rid = gen.call.rid
 

@@ -149,9 +149,14 @@ class RouteCall:
         body: dict[str, Any],
         timeouts: Timeouts,
         on_prefill_done: Callable[[RoutePlan], None] | None = None,
+        on_accepted: Callable[[], Awaitable[None]] | None = None,
     ):
         self.client = client
         self.on_prefill_done = on_prefill_done  # frees the prefill server's admission slot once its half is over
+        # awaited once every server of the route has answered 200 and before the first token (a stream's response
+        # starts there, as sglang-router passes the decode server's on: see router.endpoints)
+        self.on_accepted = on_accepted
+        self._prefill_accepted = asyncio.Event()
         self.plan = plan
         self.body = backend_body(plan, body)
         self.payload = dumps(self.body)  # encoded once: the P-route sends the same bytes to both servers
@@ -168,7 +173,7 @@ class RouteCall:
     async def _prefill_half(self, stream: GenerateStream) -> protocol.GenerateOutput:
         assert self.plan.prefill is not None
         try:
-            out = await self.client.last_of(self.plan.prefill.url, stream)
+            out = await self.client.last_of(self.plan.prefill.url, stream, on_accepted=self._prefill_accepted.set)
         except BackendError as err:
             raise PrefillFailed(
                 err.url, err.message, status=err.status, connect=err.connect, dropped=err.dropped
@@ -227,6 +232,10 @@ class RouteCall:
                 waiting = FirstTokenWait(deadline, self._prefill_task)
                 async with waiting:
                     stream = await stack.enter_async_context(decode)
+                    if self.on_accepted is not None:
+                        if self._prefill_task is not None:  # a refusal by either server stays an HTTP error
+                            await self._prefill_accepted.wait()
+                        await self.on_accepted()
                 it = aiter(stream)
                 while True:
                     try:

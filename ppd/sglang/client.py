@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,10 +191,15 @@ class SGLangClient:
         """Run a /generate stream to its end and return the last chunk (the prefill half of a P-route)."""
         return await self.last_of(url, self.generate_batches(url, body))
 
-    async def last_of(self, url: str, stream: GenerateStream) -> GenerateOutput:
-        """The last chunk of a stream already sent (`generate_batches`), read to its end."""
+    async def last_of(
+        self, url: str, stream: GenerateStream, on_accepted: Callable[[], None] | None = None
+    ) -> GenerateOutput:
+        """The last chunk of a stream already sent (`generate_batches`), read to its end; `on_accepted` is called
+        once the server has answered 200 (its response headers are in)."""
         last: GenerateOutput | None = None
         async with stream as batches:
+            if on_accepted is not None:
+                on_accepted()
             async for batch in batches:
                 last = batch[-1]
         if last is None:

@@ -127,8 +127,13 @@ async def test_disconnect_before_the_first_token_aborts_both_halves(stack):
     async def request() -> None:
         async with httpx.AsyncClient(timeout=30) as http:
             headers = {"x-ppd-policy": "prefill"}
-            async with http.stream("POST", stack.router_url + "/v1/chat/completions", json=body, headers=headers):
-                raise AssertionError("an answer came before the client left")
+            async with http.stream(
+                "POST", stack.router_url + "/v1/chat/completions", json=body, headers=headers
+            ) as resp:  # the stream starts (status, headers) once both servers accepted the request
+                assert resp.status_code == 200 and resp.headers["x-ppd-route"] == "prefill"
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:"):
+                        raise AssertionError("a token came before the client left")
 
     task = asyncio.create_task(request())
     t0 = time.perf_counter()
@@ -139,7 +144,7 @@ async def test_disconnect_before_the_first_token_aborts_both_halves(stack):
         assert time.perf_counter() - t0 < 5 and not task.done(), busy
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
-    task.cancel()  # the client goes away: its connection closes, before any byte of the answer
+    task.cancel()  # the client goes away: its connection closes, before any token of the answer
     with contextlib.suppress(asyncio.CancelledError):
         await task
     t_left = time.perf_counter()

@@ -67,7 +67,12 @@ async def test_failed_prefill_half_is_retried_by_the_d_route(failure, stream):
         assert r.status_code == 200, r.text
         metrics = (await client.get("/metrics")).text
         prefill_health = app.state.ppd.pool.prefill[0].health.value
-    assert r.headers["x-ppd-route"] == "decode" and r.headers["x-ppd-reason"] == "prefill-failed-retry"
+    if stream and failure == "dropped":
+        # both servers had accepted the request: the stream started, under the first attempt's headers (the
+        # retry's answer follows in it, and its `ppd` object names the route that answered)
+        assert r.headers["x-ppd-route"] == "prefill" and r.headers["x-ppd-reason"] == "fixed"
+    else:  # refused before the response started: the headers are the retry's
+        assert r.headers["x-ppd-route"] == "decode" and r.headers["x-ppd-reason"] == "prefill-failed-retry"
     if stream:
         chunks = sse_chunks(r.text)
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
