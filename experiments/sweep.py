@@ -400,11 +400,13 @@ async def run_sweep(
                 try:
                     for _, L, m, rep, p in mine:
                         bar.set_description(f"N={n} L={L} m={m} {p}")
-                        rec = None
-                        for _attempt in range(3):
+                        rec, attempts = None, 0
+                        while attempts < 3:
+                            attempts += 1
                             rec = await measure(ctx, n, L, m, p, rep, pool)
                             if rec["ok"] or "background" not in str(rec.get("error")):
                                 break
+                        rec["attempts"] = attempts  # > 1: measured again after a disturbed background clock
                         store.add(_jsonable(rec))
                         if not rec["ok"]:
                             bar.write(f"N={n} L={L} m={m} {p} rep {rep}: {rec.get('error')}")

@@ -2,7 +2,8 @@
 
 The request path: read the body -> orjson -> the pydantic request model -> checks -> admission -> tokenize ->
 `Router.plan` (router/routing.py: servers + the policy's route) -> `RouteCall` (router/pd.py: /generate on the
-servers) -> first token -> the answer, sent as ASGI messages (one JSON body, or SSE events).
+servers) -> [a stream's status and headers, once the servers accepted it] -> first token -> the answer, sent as ASGI
+messages (one JSON body, or SSE events).
 
 Why not FastAPI routes: FastAPI's middleware, routing and dependency solving, and Starlette's StreamingResponse (a
 task group per stream), sit on the path to the first token, on the way in and out; served directly, a request meets
@@ -12,7 +13,8 @@ to `serve`. Errors keep the OpenAI shape (router/errors.py).
 
 A request whose first attempt fails before any token reached the client is planned once more: without a server it
 could not connect to, or, when the prefill half of a P-route failed after it was sent, by the D-route
-(reason `prefill-failed-retry`); only when no retry can run does the client get the first attempt's error.
+(reason `prefill-failed-retry`); only when no retry can run does the client get the first attempt's error (in a
+stream already started, as its error event).
 """
 
 from __future__ import annotations
@@ -359,9 +361,9 @@ async def _start(
 def _stream_start(incoming: Incoming, plan: RoutePlan, rid: str) -> Callable[[], Awaitable[None]]:
     """A stream's response starts (200, the route's headers) once its servers have accepted the request, before its
     first token, as sglang-router passes the decode server's status on: the client has read the headers by the
-    time the first token comes, and the first token's bytes are all it waits for then (sent with it, the headers'
-    parsing by the client lay on its TTFT: ~1 ms from the servers' first chunk to an httpx client's first token on
-    the 2-core box, against ~0.7 ms with them sent before, `python -m experiments.router_overhead`). A refusal by a
+    time the first token comes, and the first token's bytes are all it waits for then (sent with it, the client
+    parsed the headers after the first token came: 1.6-1.8 ms from the decode server's first chunk to an httpx
+    client's first token on the 2-core box, 0.8-0.9 ms with them sent before; results/router-overhead, session 5). A refusal by a
     server is still an HTTP error; what fails after the acceptance (a dropped prefill, a first-token timeout) is an
     error event in the stream, and a retry streams its answer under the first attempt's headers (the `ppd` object
     names the route that answered)."""

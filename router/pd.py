@@ -154,7 +154,7 @@ class RouteCall:
         self.client = client
         self.on_prefill_done = on_prefill_done  # frees the prefill server's admission slot once its half is over
         # awaited once every server of the route has answered 200 and before the first token (a stream's response
-        # starts there, as sglang-router passes the decode server's on: see router.endpoints)
+        # starts there, as sglang-router passes the decode server's status on: see router.endpoints._stream_start)
         self.on_accepted = on_accepted
         self._prefill_accepted = asyncio.Event()
         self.plan = plan
