@@ -229,7 +229,14 @@ async def _decode_killed(stack: Stack) -> None:
             return await router_chat(client, base, MODEL, convs[conv], 400, headers, DEADLINE_S)
 
         tasks = {c: asyncio.create_task(stream_turn(c)) for c in convs}
-        await asyncio.sleep(0.8)
+        # until the victim generates every stream it holds (a request it has not answered yet when it dies is
+        # retried on the survivor, rightly: that is the connect-failure test's case, not this one)
+        victim_url = stack.decode_urls[int(victim[-1])]
+        t0 = time.perf_counter()
+        while (await asyncio.to_thread(backend_counts, victim_url))["running"] < len(on_victim):
+            assert time.perf_counter() - t0 < 10, "the victim's streams did not start"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
         await asyncio.to_thread(kill, stack, f"decode-{victim[-1]}")
         seconds = {}
         for conv, task in tasks.items():
