@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -109,11 +110,12 @@ class Incoming:
         given = self.headers.get("x-request-id", "")
         return given if _REQUEST_ID.match(given) else rid
 
-    async def start_stream(self, headers: dict[str, str]) -> None:
-        """Send a stream's status (200) and headers, once."""
+    async def start_stream(self, plan: RoutePlan, rid: str) -> None:
+        """Send a stream's status (200) and the route's headers, once (`plan`, `rid`: the attempt that starts it)."""
         if self.started:
             return
         self.started = True
+        headers = _route_headers(plan, self.request_id(rid))
         encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] + _SSE_HEADERS
         await self.send({"type": "http.response.start", "status": 200, "headers": encoded})
 
@@ -248,8 +250,6 @@ def _checked_token_ids(state: RouterState, prompt: list[int]) -> list[int]:
         raise OpenAIError(
             400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt", code="invalid_value"
         )
-    if not prompt:
-        raise OpenAIError(400, "prompt is empty", param="prompt", code="invalid_value")
     return prompt  # the model's own list, built by validation: nobody else holds it
 
 
@@ -363,15 +363,11 @@ def _stream_start(incoming: Incoming, plan: RoutePlan, rid: str) -> Callable[[],
     first token, as sglang-router passes the decode server's status on: the client has read the headers by the
     time the first token comes, and the first token's bytes are all it waits for then (sent with it, the client
     parsed the headers after the first token came: 1.6-1.8 ms from the decode server's first chunk to an httpx
-    client's first token on the 2-core box, 0.8-0.9 ms with them sent before; results/router-overhead, session 5). A refusal by a
-    server is still an HTTP error; what fails after the acceptance (a dropped prefill, a first-token timeout) is an
-    error event in the stream, and a retry streams its answer under the first attempt's headers (the `ppd` object
-    names the route that answered)."""
-
-    async def start() -> None:
-        await incoming.start_stream(_route_headers(plan, incoming.request_id(rid)))
-
-    return start
+    client's first token on the 2-core box, 0.8-0.9 ms with them sent before; results/router-overhead, session 5).
+    A refusal by a server is still an HTTP error; what fails after the acceptance (a dropped prefill, a first-token
+    timeout) is an error event in the stream, and a retry streams its answer under the first attempt's headers (the
+    `ppd` object names the route that answered)."""
+    return functools.partial(incoming.start_stream, plan, rid)
 
 
 def _retry_after(state: RouterState, plan: RoutePlan, exc: Exception) -> Retry | None:
@@ -408,11 +404,12 @@ class SSEReply:
     """A streamed answer: SSE events from `events` (`sse_stream`, which also turns errors into events). Its status
     and headers went out when the servers accepted the request (`_stream_start`), unless a server never said so."""
 
-    headers: dict[str, str]
+    plan: RoutePlan
+    rid: str
     events: AsyncIterator[bytes]
 
     async def __call__(self, incoming: Incoming) -> None:
-        await incoming.start_stream(self.headers)
+        await incoming.start_stream(self.plan, self.rid)
         send = incoming.send
         with contextlib.suppress(OSError):  # a server that reports a closed client by raising
             async with contextlib.aclosing(self.events) as events:
@@ -426,13 +423,14 @@ async def _answer(
 ) -> SSEReply | Response:
     t0 = time.perf_counter()
     gen = await _start(state, incoming, endpoint, req, prompt_ids, max_new, t0)
-    headers = _route_headers(gen.plan, incoming.request_id(gen.call.rid))
     model = state.cfg.model.served_name
     rid = gen.call.rid
 
-    if req.stream:
+    if req.stream:  # its headers went out when the servers accepted it
         first, chunk = om.stream_chunks(endpoint, rid, model)
-        return SSEReply(headers, sse_stream(gen, chunk, first, req.include_usage(), req.continuous_usage()))
+        return SSEReply(gen.plan, rid, sse_stream(gen, chunk, first, req.include_usage(), req.continuous_usage()))
+
+    headers = _route_headers(gen.plan, incoming.request_id(rid))
 
     try:
         result = await gen.run()

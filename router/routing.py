@@ -44,9 +44,9 @@ NO_LOCAL_APPEND = "no-local-append"  # the policy said D, but the decode servers
 
 
 def _after_dispatch(fn: Callable[..., None], *args: Any) -> None:
-    """Run `fn(*args)` in the event loop's next turn: after the request being planned has been written to its servers
-    (both halves leave in the turn that plans them, see router.pd.RouteCall.chunks), off the path to its first token.
-    Without a running loop (a synchronous caller), now."""
+    """Run `fn(*args)` in the event loop's next turn: off the path to the first token of the request being planned,
+    whose halves are written in the turn that plans them when kept-alive connections are at hand (router.pd.RouteCall.
+    chunks; a new connection is opened from that turn). Without a running loop (a synchronous caller), now."""
     try:
         asyncio.get_running_loop().call_soon(fn, *args)
     except RuntimeError:

@@ -187,15 +187,11 @@ class SGLangClient:
         content = body if isinstance(body, bytes) else dumps(body)
         return GenerateStream(url, self.transport.stream(url, "/generate", content))
 
-    async def generate_last(self, url: str, body: dict[str, Any] | bytes) -> GenerateOutput:
-        """Run a /generate stream to its end and return the last chunk (the prefill half of a P-route)."""
-        return await self.last_of(url, self.generate_batches(url, body))
-
     async def last_of(
         self, url: str, stream: GenerateStream, on_accepted: Callable[[], None] | None = None
     ) -> GenerateOutput:
-        """The last chunk of a stream already sent (`generate_batches`), read to its end; `on_accepted` is called
-        once the server has answered 200 (its response headers are in)."""
+        """The last chunk of a stream already sent (`generate_batches`), read to its end (the prefill half of a
+        P-route); `on_accepted` is called once the server has answered 200 (its response headers are in)."""
         last: GenerateOutput | None = None
         async with stream as batches:
             if on_accepted is not None:
@@ -219,8 +215,7 @@ class SGLangClient:
         """Abort in the background: callable from a cancelled task (client disconnect) without awaiting. The task is
         returned for a caller that must know the abort landed before it sends more work (a retry)."""
         task = asyncio.get_running_loop().create_task(self.abort(url, rid))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.keep(task)
         return task
 
     def keep(self, task: asyncio.Task) -> None:

@@ -57,7 +57,7 @@ async def test_stream_lines_split_across_reads_and_body_sent_as_given():
     payload = dumps({"input_ids": [5, 6], "stream": True})
     async with client.generate_batches("http://b", payload) as batches:
         outs = [o async for batch in batches for o in batch]
-    last = await client.generate_last("http://b", {"input_ids": [5, 6], "stream": True})
+    last = await client.last_of("http://b", client.generate_batches("http://b", {"input_ids": [5, 6], "stream": True}))
     await net.aclose()
     assert [o.output_ids for o in outs] == [[0], [0, 1], [0, 1, 2]]
     assert last.output_ids == [0, 1, 2]
