@@ -368,8 +368,8 @@ class Router:
         return plan
 
     def _announce(self, decision: Decision, cached: int, append: int) -> None:
-        """Count the decision and log it (the logging module formats and writes the line on the loop: ~0.15 ms on a
-        2-core box, half the planning; done once the request has gone out)."""
+        """Count the decision and log it: the logging module formats and writes the line on the loop, the largest
+        single step of planning when it ran before dispatch; done once the request has gone out."""
         self.metrics.decisions.labels(decision.policy, decision.route.value, decision.reason).inc()
         if self.cfg.router.log_decisions:
             log.info("decision %s L=%d m=%d", decision.explain(), cached, append)

@@ -42,8 +42,8 @@ def new_bootstrap_room() -> int:
 
 def new_rid() -> str:
     """A request id: 128 random bits as 32 hex digits, like uuid4().hex. Only unique, not secret (the servers key
-    requests and /abort_request by it), so Python's generator rather than uuid4's os.urandom, a system call that cost
-    ~25 us a request on the 2-core box."""
+    requests and /abort_request by it), so Python's generator rather than uuid4's os.urandom, a system call on the
+    path to the first token."""
     return f"{random.getrandbits(128):032x}"
 
 
