@@ -219,8 +219,12 @@ class Engine:
             self.landed.remove(job)
         except ValueError:
             pass
-        if reason["type"] != "abort" and self.spec.role != "prefill" and job.prefilled == len(job.prompt):
-            self.cache.insert(job.prompt + tuple(job.output_ids))
+        if self.spec.role != "prefill" and job.prefilled == len(job.prompt):
+            # an aborted request whose KV is in place is cached too: SGLang finishes it like any other
+            # (process_batch_result_decode -> release_kv_cache, is_insert=True), keeping the KV it computed (the
+            # prompt and every output token but the last, kv_committed_len)
+            done = job.output_ids if reason["type"] != "abort" else job.output_ids[:-1]
+            self.cache.insert(job.prompt + tuple(done))
         self._release(job)
         self.jobs.pop(job.rid, None)
         job.prefill_done.set()

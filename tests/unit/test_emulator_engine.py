@@ -92,6 +92,24 @@ async def test_abort_frees_memory_and_ends_the_request():
         assert not s.engine.abort(run.job.rid)  # already gone
 
 
+@pytest.mark.parametrize("role", ["colocated", "decode"])
+async def test_aborted_request_keeps_the_kv_it_computed(role):
+    """SGLang finishes an aborted running request like any other (release_kv_cache inserts kv_committed_len
+    tokens): its prompt and every output but the last stay cached, which the router's index assumes
+    (`record_partial`). A decode server gets the request as a local append here: the KV is computed in place."""
+    async with running(role, time_scale=0.5) as s:
+        kw = {"bootstrap_host": LOCAL_APPEND_HOST, "bootstrap_port": 0, "bootstrap_room": 7} if role == "decode" else {}
+        prompt = ids(400, seed=5)
+        run = await generate(s, prompt, max_new=5000, watch=False, **kw)
+        while len(run.job.output_ids) < 3:
+            await asyncio.sleep(0.01)
+        assert s.engine.abort(run.job.rid)
+        kept = prompt + run.job.output_ids[:-1]
+        kw = {**kw, "bootstrap_room": 8} if kw else {}
+        nxt = await generate(s, kept + ids(20, seed=6), max_new=1, **kw)
+        assert nxt.meta["cached_tokens"] == len(kept)
+
+
 async def test_requests_wait_for_memory_and_cache_stays_in_capacity():
     async with running(kv_capacity_tokens=3000, time_scale=0.05) as s:
         a = await generate(s, ids(1500, 1), max_new=400, watch=False)
